@@ -1,0 +1,30 @@
+"""fastppo: a kernel-accelerated PPO core for RLHF of large language models.
+
+Every op has a Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and a
+pure-PyTorch reference (:mod:`fastppo.reference`) that is the CPU path and the ground truth of the
+tests. Pick the backend with ``FASTPPO_BACKEND=auto|torch|triton`` or :func:`use_backend`.
+"""
+
+from fastppo._backend import get_backend, use_backend
+from fastppo.advantages import gae, group_advantages, masked_whiten
+from fastppo.generation import Generator
+from fastppo.logprobs import linear_logprobs_and_entropy, logprobs_and_entropy
+from fastppo.losses import kl_penalty, policy_loss, value_loss
+from fastppo.reference.common import masked_mean
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Generator",
+    "gae",
+    "get_backend",
+    "group_advantages",
+    "kl_penalty",
+    "linear_logprobs_and_entropy",
+    "logprobs_and_entropy",
+    "masked_mean",
+    "masked_whiten",
+    "policy_loss",
+    "use_backend",
+    "value_loss",
+]

@@ -1,0 +1,109 @@
+"""Ahead-of-time compile every fastppo kernel for sm_80 and sm_90, without a GPU.
+
+    python -m fastppo.kernels.compile_check [--arch 80 90] [--only NAME]
+
+Each kernel module lists, in ``COMPILE_SPECS``, the argument signatures and block sizes its launcher
+can pick (every autotune config included). This compiles each one with
+``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, reads the cubin's resource usage with the
+``cuobjdump`` that ships inside Triton, prints a table (kernel, arch, registers, shared memory,
+local memory) and exits non-zero on a compile failure or any spill (local memory or stack > 0):
+a kernel that spills on the GPU is a slow kernel, and we want to know before a GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# Compile mode, even on a machine without a GPU; must be set before any kernel module is imported.
+os.environ["FASTPPO_TRITON_COMPILE"] = "1"
+os.environ.pop("TRITON_INTERPRET", None)
+
+from fastppo.kernels._jit import CompileSpec  # noqa: E402  (after the environment is set)
+
+# Modules holding kernels. Each exposes COMPILE_SPECS: list[CompileSpec].
+KERNEL_MODULES = (
+    "fastppo.kernels.policy_loss",
+    "fastppo.kernels.value_loss",
+    "fastppo.kernels.kl",
+    "fastppo.kernels.gae",
+    "fastppo.kernels.logprobs",
+    "fastppo.kernels.linear_logprobs",
+)
+
+
+_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_one(spec: CompileSpec, cc: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = _USAGE.search(out)
+    if m is None:
+        raise RuntimeError(f"could not parse cuobjdump output:\n{out}")
+    reg, stack, shared, local = map(int, m.groups())
+    return {"regs": reg, "stack": stack, "shared": max(shared, compiled.metadata.shared), "local": local}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default: 80 90)")
+    p.add_argument("--only", default=None, help="only kernels whose name contains this string")
+    args = p.parse_args(argv)
+
+    failures = 0
+    rows = []
+    for modname in KERNEL_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:  # module not written yet: nothing to compile
+                continue
+            raise
+        for spec in getattr(mod, "COMPILE_SPECS", []):
+            name = spec.kernel.__name__
+            if args.only and args.only not in name:
+                continue
+            for cc in args.arch:
+                try:
+                    r = compile_one(spec, cc)
+                    spill = r["local"] > 0 or r["stack"] > 0
+                    status = "SPILL" if spill else "ok"
+                    failures += spill
+                except Exception as e:  # report every failure, then exit non-zero
+                    r = {"regs": "-", "shared": "-", "local": "-", "stack": "-"}
+                    status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    failures += 1
+                rows.append((name, spec.label, f"sm_{cc}", r["regs"], r["shared"], r["local"], r["stack"], status))
+    header = ("kernel", "config", "arch", "regs", "shared", "local", "stack", "status")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    print(f"{len(rows)} compiled, {failures} failed or spilled")
+    return 1 if failures or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

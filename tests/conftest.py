@@ -1,0 +1,19 @@
+"""Test configuration: kernels run under Triton's interpreter on CPU tensors unless a GPU is present."""
+
+import os
+
+# Must be set before fastppo.kernels is imported: Triton picks compiled vs interpreted at decoration.
+if not os.environ.get("FASTPPO_TEST_CUDA"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's deprecation warning
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
