@@ -1,0 +1,46 @@
+"""Online logsumexp + entropy accumulator, shared by the logits and the fused linear kernels.
+
+For a row of (temperature-scaled) logits ``z`` visited one block at a time we keep, in float32,
+
+    m = max z seen so far,   s = sum exp(z - m),   t = sum exp(z - m) * (z - m)
+
+and rescale ``s`` and ``t`` whenever ``m`` grows (the "online softmax" of Milakov & Gimelshein).
+At the end ``lse = m + log s`` and the entropy ``H = -sum p log p = lse - E_p[z] = log s - t / s``.
+Keeping ``t`` relative to the running max (instead of accumulating ``sum exp(z - m) * z``) avoids
+cancelling two numbers of the size of the logits when the entropy is small.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+from fastppo.kernels._jit import jit
+
+
+@jit
+def online_lse_step(m, s, t, z, valid):
+    """One block of the online update.
+
+    z: [R, C] float32 block of logits, valid: [R, C] bool (columns past the vocabulary are False).
+    m, s, t: [R] float32 running state (start: -inf, 0, 0). Returns the new (m, s, t).
+    """
+    z = tl.where(valid, z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    # A row with no valid column so far keeps m = -inf; exp(-inf - (-inf)) would be NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)  # rescales the old sums; exp(-inf) = 0 on the first block
+    shift = tl.where(s > 0.0, m - m_ref, 0.0)  # old terms' (z - m_old) become (z - m_new)
+    d = tl.where(valid, z - m_ref[:, None], 0.0)  # finite everywhere: no 0 * inf below
+    e = tl.where(valid, tl.exp(d), 0.0)
+    s_new = s * alpha + tl.sum(e, axis=1)
+    t_new = alpha * (t + s * shift) + tl.sum(e * d, axis=1)
+    return m_new, s_new, t_new
+
+
+@jit
+def online_lse_finish(m, s, t):
+    """(logsumexp, entropy) from the final state; rows with s == 0 (no column) give (-inf, 0)."""
+    s_safe = tl.where(s > 0.0, s, 1.0)
+    lse = m + tl.log(s_safe)
+    ent = tl.log(s_safe) - t / s_safe
+    return lse, tl.where(s > 0.0, ent, 0.0)
