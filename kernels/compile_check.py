@@ -20,13 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-# Compile mode, even on a machine without a GPU; must be set before any kernel module is imported.
-os.environ["FASTPPO_TRITON_COMPILE"] = "1"
-os.environ.pop("TRITON_INTERPRET", None)
-
-from fastppo.kernels._jit import CompileSpec  # noqa: E402  (after the environment is set)
-
-# Modules holding kernels. Each exposes COMPILE_SPECS: list[CompileSpec].
+# Modules holding kernels. Each exposes COMPILE_SPECS: list[fastppo.kernels._jit.CompileSpec].
 KERNEL_MODULES = (
     "fastppo.kernels.policy_loss",
     "fastppo.kernels.value_loss",
@@ -46,7 +40,7 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_one(spec: CompileSpec, cc: int) -> dict:
+def compile_one(spec, cc: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -72,6 +66,14 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default: 80 90)")
     p.add_argument("--only", default=None, help="only kernels whose name contains this string")
     args = p.parse_args(argv)
+
+    # Compile mode, even on a machine without a GPU. Triton fixes the mode when a kernel is decorated,
+    # so this must happen before any kernel module is imported: run this as a fresh process.
+    os.environ["FASTPPO_TRITON_COMPILE"] = "1"
+    os.environ.pop("TRITON_INTERPRET", None)
+    jit_mod = sys.modules.get("fastppo.kernels._jit")
+    if jit_mod is not None and jit_mod.INTERPRET:
+        raise SystemExit("compile_check: kernels were already imported in interpreter mode; run `python -m fastppo.kernels.compile_check` in a fresh process")
 
     failures = 0
     rows = []
