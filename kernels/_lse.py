@@ -30,8 +30,11 @@ def online_lse_step(m, s, t, z, valid):
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_ref)  # rescales the old sums; exp(-inf) = 0 on the first block
     shift = tl.where(s > 0.0, m - m_ref, 0.0)  # old terms' (z - m_old) become (z - m_new)
-    d = tl.where(valid, z - m_ref[:, None], 0.0)  # finite everywhere: no 0 * inf below
-    e = tl.where(valid, tl.exp(d), 0.0)
+    # Columns past the vocabulary and -inf logits (banned tokens, a -inf bias) contribute nothing;
+    # keep d finite there so that e * d below is never 0 * inf = NaN.
+    live = z > float("-inf")
+    d = tl.where(live, z - m_ref[:, None], 0.0)
+    e = tl.where(live, tl.exp(d), 0.0)
     s_new = s * alpha + tl.sum(e, axis=1)
     t_new = alpha * (t + s * shift) + tl.sum(e * d, axis=1)
     return m_new, s_new, t_new

@@ -1,0 +1,79 @@
+"""The ``fastppo`` command line.
+
+    fastppo demo [--iterations N] [--device cpu|cuda]   the default demo: a tiny PPO run, end to end
+    fastppo bench NAME [ARGS...]                        run bench/bench_NAME.py (gae, losses, logprobs, linear_logprobs, generate)
+    fastppo compile-check [ARGS...]                     compile every kernel for sm_80/sm_90 (no GPU needed)
+    fastppo info                                        versions, device, backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import runpy
+import sys
+
+
+def _bench_dir() -> pathlib.Path:
+    # The benchmarks live beside the package in a source checkout (they are not installed).
+    return pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+def _info() -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    import fastppo
+    from fastppo._backend import triton_available
+
+    print(f"fastppo       {fastppo.__version__}")
+    print(f"python        {platform.python_version()}")
+    print(f"torch         {torch.__version__}")
+    if triton_available():
+        import triton
+
+        print(f"triton        {triton.__version__}")
+    else:
+        print("triton        not importable (torch path only)")
+    print(f"transformers  {transformers.__version__}")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU only)"
+    print(f"cuda device   {dev}")
+    print(f"backend       {fastppo.get_backend()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="fastppo", description="fastppo: kernel-accelerated PPO core")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("demo", help="the default demo: a tiny PPO run, end to end", add_help=False)
+    b = sub.add_parser("bench", help="run one benchmark script from bench/")
+    b.add_argument("name")
+    sub.add_parser("compile-check", help="compile every kernel ahead of time", add_help=False)
+    sub.add_parser("info", help="versions, device and backend")
+    args, rest = p.parse_known_args(argv)
+
+    if args.cmd == "demo":
+        from fastppo.demo import main as demo_main
+
+        return demo_main(rest)
+    if args.cmd == "compile-check":
+        from fastppo.kernels.compile_check import main as cc_main
+
+        return cc_main(rest)
+    if args.cmd == "info":
+        return _info()
+    # bench
+    script = _bench_dir() / f"bench_{args.name}.py"
+    if not script.exists():
+        names = sorted(s.stem[len("bench_"):] for s in _bench_dir().glob("bench_*.py")) if _bench_dir().exists() else []
+        raise SystemExit(f"fastppo bench: no benchmark named {args.name!r}; available: {names or 'none (run from a source checkout)'}")
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
