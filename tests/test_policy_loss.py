@@ -1,0 +1,407 @@
+"""fastppo.policy_loss: reference and Triton kernel against a plain float64 loop.
+
+The Triton cases run under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastppo
+from fastppo.losses import AGGS
+from tests._tol import assert_within_rule
+
+STATS = ("clip_frac", "clip_frac_lower", "approx_kl", "ratio_max", "ratio_min")
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- ground truth
+def loop_policy(lp, old, adv, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", normalizer=None):
+    """Plain float64 loop: returns (loss, dloss/dlp [shape of lp], stats dict, sum of |weighted loss terms|)."""
+    ch = clip_low if clip_high is None else clip_high
+    T = lp.shape[-1]
+    LP, OLD, ADV = (x.detach().double().reshape(-1, T).tolist() for x in (lp, old, adv))
+    M = mask.reshape(-1, T).bool().tolist()
+    rows = len(LP)
+    l_tok = [[0.0] * T for _ in range(rows)]
+    g_tok = [[0.0] * T for _ in range(rows)]
+    n = n_clip = n_lower = 0
+    kl = 0.0
+    rmax, rmin = -math.inf, math.inf
+    for r in range(rows):
+        for t in range(T):
+            if not M[r][t]:
+                continue
+            a = ADV[r][t]
+            d = LP[r][t] - OLD[r][t]
+            dc = min(max(d, -20.0), 20.0)
+            ratio = math.exp(dc)
+            l1 = -a * ratio
+            l2 = -a * min(max(ratio, 1.0 - clip_low), 1.0 + ch)
+            loss = max(l1, l2)
+            grad = 0.0 if l2 > l1 else -a * ratio
+            if not -20.0 <= d <= 20.0:
+                grad = 0.0
+            n_clip += l2 > l1
+            if dual_clip is not None and a < 0 and -a * dual_clip < loss:
+                loss, grad = -a * dual_clip, 0.0
+                n_lower += 1
+            l_tok[r][t], g_tok[r][t] = loss, grad
+            n += 1
+            kl += (ratio - 1.0) - dc
+            rmax, rmin = max(rmax, ratio), min(rmin, ratio)
+    counts = [sum(row) for row in M]
+    norm = None if normalizer is None else float(normalizer)
+    if agg == "token-mean":
+        w = [1.0 / (norm or max(n, 1))] * rows
+    else:
+        seqs = norm or max(sum(c > 0 for c in counts), 1)
+        w = [1.0 / seqs / (max(c, 1) if agg == "seq-mean-token-mean" else 1) for c in counts]
+    loss = sum(w[r] * sum(l_tok[r]) for r in range(rows))
+    scale = sum(w[r] * sum(abs(x) for x in l_tok[r]) for r in range(rows))
+    grad = torch.tensor([[w[r] * g for g in g_tok[r]] for r in range(rows)], dtype=torch.float64).reshape(lp.shape)
+    den = max(n, 1)
+    stats = {
+        "clip_frac": n_clip / den,
+        "clip_frac_lower": n_lower / den,
+        "approx_kl": kl / den,
+        "ratio_max": rmax if n else 1.0,
+        "ratio_min": rmin if n else 1.0,
+    }
+    return loss, grad, stats, scale
+
+
+# ----------------------------------------------------------------------------- inputs
+def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Same values and shape, other strides."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "slice":  # rows padded by 3: x[..., :T] of a wider tensor
+        wide = torch.full((*x.shape[:-1], x.shape[-1] + 3), 7.0 if x.is_floating_point() else 1).to(x.dtype)
+        wide[..., : x.shape[-1]] = x
+        return wide[..., : x.shape[-1]]
+    if layout == "transpose":  # token dim no longer has stride 1
+        return x.movedim(-1, 0).contiguous().movedim(0, -1)
+    if layout == "permute":  # leading dims that do not merge: reshape(-1, T) must copy
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    raise ValueError(layout)
+
+
+def make_inputs(shape, *, seed=0, mask_kind="holes", spread=0.6):
+    g = torch.Generator().manual_seed(seed)
+    lp = -3.0 * torch.rand(shape, generator=g)
+    old = lp + spread * torch.randn(shape, generator=g)
+    adv = torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.3
+    T = shape[-1]
+    if mask_kind == "row":
+        mask.reshape(-1, T)[0] = False
+    elif mask_kind == "none":
+        mask[...] = False
+    elif mask_kind == "all":
+        mask[...] = True
+    return lp, old, adv, mask
+
+
+def run(backend, lp, old, adv, mask, **opts):
+    lp = lp.detach().requires_grad_()
+    with fastppo.use_backend(backend):
+        loss, stats = fastppo.policy_loss(lp, old, adv, mask, **opts)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss, grad, stats
+
+
+def scalar(x):
+    return torch.as_tensor(x, dtype=torch.float64).reshape(1)
+
+
+# ----------------------------------------------------------------------------- reference vs loop
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("opts", [{}, {"clip_high": 0.28}, {"dual_clip": 1.5}, {"clip_low": 0.1, "clip_high": 0.3, "dual_clip": 3.0}])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_matches_loop(agg, opts, dtype):
+    lp, old, adv, mask = (x.to(dtype) if x.is_floating_point() else x for x in make_inputs((2, 3, 9), mask_kind="row", spread=1.0))
+    loss, grad, stats = run("torch", lp, old, adv, mask, agg=agg, **opts)
+    want, want_grad, want_stats, _ = loop_policy(lp, old, adv, mask, agg=agg, **opts)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.item() == pytest.approx(want, abs=tol, rel=tol)
+    torch.testing.assert_close(grad.double(), want_grad, atol=tol, rtol=tol)
+    for k in STATS:
+        assert stats[k].dtype == torch.float32 and stats[k].shape == () and not stats[k].requires_grad
+        assert stats[k].item() == pytest.approx(want_stats[k], abs=2e-6), k
+    assert want_stats["clip_frac"] > 0 and (want_stats["clip_frac_lower"] > 0) == ("dual_clip" in opts)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
+def test_reference_gradcheck(agg, dual_clip):
+    lp, old, adv, mask = (x.double() if x.is_floating_point() else x for x in make_inputs((3, 5), mask_kind="row"))
+    lp.requires_grad_()
+    fn = lambda x: fastppo.reference.losses.policy_loss(x, old, adv, mask, clip_high=0.3, dual_clip=dual_clip, agg=agg)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (lp,), eps=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- Triton vs loop
+CASES = {
+    # name: (shape, layout, mask kind, int mask, options)
+    "2d": ((3, 37), "contiguous", "holes", False, {"clip_high": 0.28}),
+    "3d_seqsum_dual": ((2, 3, 5), "contiguous", "row", False, {"agg": "seq-mean-token-sum", "dual_clip": 1.5}),
+    "1x1": ((1, 1), "contiguous", "all", False, {"agg": "seq-mean-token-mean"}),
+    "two_blocks_slice": ((2, 600), "slice", "row", False, {"agg": "seq-mean-token-mean", "clip_low": 0.1, "clip_high": 0.3, "dual_clip": 3.0}),
+    "transpose_norm": ((5, 9), "transpose", "holes", True, {"normalizer": 100.0, "dual_clip": 2.0}),
+    "seqsum_tensor_norm": ((4, 7), "slice", "row", False, {"agg": "seq-mean-token-sum", "normalizer": torch.tensor(3.0)}),
+    "permute_3d": ((3, 2, 11), "permute", "holes", False, {"agg": "seq-mean-token-mean", "dual_clip": 1.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_triton_matches_loop(case, dtype):
+    shape, layout, mask_kind, int_mask, opts = CASES[case]
+    lp, old, adv, mask = make_inputs(shape, mask_kind=mask_kind)
+    lp, old, adv = (relayout(x.to(dtype), layout) for x in (lp, old, adv))
+    mask = relayout(mask.long() if int_mask else mask, layout)
+    want, want_grad, want_stats, scale = loop_policy(lp, old, adv, mask, **opts)  # truth on the rounded inputs
+    t_loss, t_grad, t_stats = run("torch", lp, old, adv, mask, **opts)
+    k_loss, k_grad, k_stats = run("triton", lp, old, adv, mask, **opts)
+
+    assert k_loss.dtype == torch.float32 and k_grad.dtype == dtype and k_grad.shape == lp.shape
+    assert_within_rule(scalar(k_loss), scalar(t_loss), scalar(want), atol=1e-6 * (1 + scale), name="loss")
+    g_atol = 4 * torch.finfo(dtype).eps * want_grad.abs().max().item() + 1e-30
+    assert_within_rule(k_grad, t_grad, want_grad, atol=g_atol, name="grad")
+    for k in STATS:
+        assert k_stats[k].dtype == torch.float32 and k_stats[k].shape == () and not k_stats[k].requires_grad
+        assert_within_rule(scalar(k_stats[k]), scalar(t_stats[k]), scalar(want_stats[k]), atol=2e-6, name=k)
+    if shape[-1] > 5:  # the case exercises what it claims to
+        assert want_stats["clip_frac"] > 0
+        assert (want_stats["clip_frac_lower"] > 0) == ("dual_clip" in opts)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_input_dtypes(backend):
+    """bf16 logprobs with fp32 old_logprobs (compiled as is) and fp16 advantages (converted to fp32)."""
+    lp, old, adv, mask = make_inputs((3, 20))
+    lp = lp.bfloat16()
+    adv = adv.half()
+    want, want_grad, _, _ = loop_policy(lp, old, adv, mask, dual_clip=2.0)
+    loss, grad, _ = run(backend, lp, old, adv, mask, dual_clip=2.0)
+    assert grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_log_ratio_clamp(backend, sign):
+    """|lp - old| > 20: the ratio is exp(+-20) and the gradient 0 (the clamp), never inf/NaN;
+    approx_kl uses the clamped log-ratio."""
+    lp = torch.tensor([[0.0, 0.0, -1.0, -2.0]])
+    old = torch.tensor([[-25.0 * sign, -30.0 * sign, -1.1, -2.0]])
+    adv = torch.tensor([[-1e-9, 1e-9, 1.0, -0.5]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    want, want_grad, want_stats, _ = loop_policy(lp, old, adv, mask)
+    loss, grad, stats = run(backend, lp, old, adv, mask)
+    assert torch.isfinite(grad).all() and grad[0, 0] == 0 and grad[0, 1] == 0 and grad[0, 2] != 0
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-7, rtol=1e-5)
+    for k in STATS:
+        assert stats[k].item() == pytest.approx(want_stats[k], rel=1e-6), k
+    extreme = stats["ratio_max"] if sign > 0 else stats["ratio_min"]
+    assert extreme.item() == pytest.approx(math.exp(20 * sign), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- masking edge cases
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("agg", AGGS)
+def test_all_masked_batch(backend, agg):
+    lp, old, adv, mask = make_inputs((2, 6), mask_kind="none")
+    lp[0, 0], old[1, 2], adv[0, 3] = math.nan, math.inf, -math.inf
+    lp = lp.requires_grad_()
+    with fastppo.use_backend(backend):
+        loss, stats = fastppo.policy_loss(lp, old, adv, mask, agg=agg)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(lp.grad, torch.zeros_like(lp))
+    assert {k: v.item() for k, v in stats.items()} == {"clip_frac": 0.0, "clip_frac_lower": 0.0, "approx_kl": 0.0, "ratio_max": 1.0, "ratio_min": 1.0}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_in_masked_positions_does_not_leak(backend):
+    lp, old, adv, mask = make_inputs((3, 10), mask_kind="row")
+    clean = run(backend, lp, old, adv, mask, dual_clip=2.0, agg="seq-mean-token-mean")
+    bad = [x.clone() for x in (lp, old, adv)]
+    for x, v in zip(bad, (math.nan, math.inf, -math.inf)):
+        x[~mask] = v
+    dirty = run(backend, *bad, mask, dual_clip=2.0, agg="seq-mean-token-mean")
+    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
+    assert torch.equal(dirty[1][~mask], torch.zeros(int((~mask).sum())))
+    for k in STATS:
+        assert torch.equal(clean[2][k], dirty[2][k]), k
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_grad_inputs(backend):
+    """logprobs without requires_grad: the kernel skips the gradient store; same loss and stats."""
+    lp, old, adv, mask = make_inputs((2, 13))
+    with fastppo.use_backend(backend):
+        loss, stats = fastppo.policy_loss(lp, old, adv, mask)
+    want, _, want_stats, _ = loop_policy(lp, old, adv, mask)
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert stats["clip_frac"].item() == pytest.approx(want_stats["clip_frac"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_output_scales(backend):
+    lp, old, adv, mask = make_inputs((2, 9))
+    _, g1, _ = run(backend, lp, old, adv, mask)
+    x = lp.detach().requires_grad_()
+    with fastppo.use_backend(backend):
+        (3.0 * fastppo.policy_loss(x, old, adv, mask)[0]).backward()
+    torch.testing.assert_close(x.grad, 3.0 * g1)
+
+
+# ----------------------------------------------------------------------------- normalizer / accumulation
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("agg", AGGS)
+def test_gradient_accumulation_equals_full_batch(backend, agg):
+    """Micro-batches with normalizer = the global count give, summed, the full-batch loss and gradient.
+
+    token-mean: the global number of valid tokens. seq-mean-token-sum: the global number of valid
+    sequences. seq-mean-token-mean: likewise (each sequence's own mean is local to its micro-batch).
+    """
+    lp, old, adv, mask = make_inputs((6, 13), mask_kind="row")
+    full_loss, full_grad, _ = run(backend, lp, old, adv, mask, agg=agg)
+    norm = mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
+    x = lp.detach().requires_grad_()
+    total = 0.0
+    with fastppo.use_backend(backend):
+        for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
+            loss, _ = fastppo.policy_loss(x[rows], old[rows], adv[rows], mask[rows], agg=agg, normalizer=norm)
+            loss.backward()
+            total += loss.item()
+    assert total == pytest.approx(full_loss.item(), abs=1e-6)
+    torch.testing.assert_close(x.grad, full_grad, atol=1e-7, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- properties
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    T=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+    agg=st.sampled_from(AGGS),
+    backend=st.sampled_from(["torch", "triton"]),
+)
+def test_property_ratio_one_is_minus_mean_advantage(rows, T, seed, agg, backend):
+    """lp == old: ratio 1, nothing clipped, loss = -aggregated A, approx_kl 0, gradient = -w A."""
+    _, _, adv, mask = make_inputs((rows, T), seed=seed)
+    lp = -torch.rand(rows, T)
+    loss, grad, stats = run(backend, lp, lp.clone(), adv, mask, agg=agg, dual_clip=2.0)
+    want, want_grad, _, _ = loop_policy(lp, lp, adv, mask, agg=agg)
+    if agg == "token-mean":
+        assert want == pytest.approx(-adv[mask].double().sum().item() / max(int(mask.sum()), 1), abs=1e-12)
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-7, rtol=1e-5)
+    assert stats["clip_frac"].item() == 0.0 and stats["clip_frac_lower"].item() == 0.0
+    assert stats["approx_kl"].item() == 0.0
+    assert stats["ratio_max"].item() == 1.0 and stats["ratio_min"].item() == 1.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    seed=st.integers(0, 2**16),
+    spread=st.floats(0.0, 3.0),
+    dual_clip=st.sampled_from([None, 1.2, 3.0]),
+    backend=st.sampled_from(["torch", "triton"]),
+)
+def test_property_stats_in_range(shape, seed, spread, dual_clip, backend):
+    lp, old, adv, mask = make_inputs(shape, seed=seed, spread=spread)
+    loss, grad, stats = run(backend, lp, old, adv, mask, dual_clip=dual_clip)
+    s = {k: v.item() for k, v in stats.items()}
+    assert 0.0 <= s["clip_frac"] <= 1.0 and 0.0 <= s["clip_frac_lower"] <= 1.0
+    assert s["approx_kl"] >= -1e-6  # k3 >= 0
+    assert 0.0 < s["ratio_min"] <= s["ratio_max"]
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    want, _, want_stats, scale = loop_policy(lp, old, adv, mask, dual_clip=dual_clip)
+    assert loss.item() == pytest.approx(want, abs=1e-6 * (1 + scale))
+    assert s["clip_frac"] == pytest.approx(want_stats["clip_frac"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _good():
+    lp, old, adv, mask = make_inputs((2, 4))
+    return {"logprobs": lp, "old_logprobs": old, "advantages": adv, "mask": mask}
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        ({"old_logprobs": torch.zeros(2, 5)}, ValueError, "old_logprobs must have shape"),
+        ({"advantages": torch.zeros(4, 2)}, ValueError, "advantages must have shape"),
+        ({"mask": torch.ones(2, 3, dtype=torch.bool)}, ValueError, "mask must have shape"),
+        ({"logprobs": torch.zeros(2, 4, dtype=torch.long)}, TypeError, "logprobs must be a floating-point"),
+        ({"advantages": torch.zeros(2, 4, dtype=torch.int32)}, TypeError, "advantages must be a floating-point"),
+        ({"mask": torch.ones(2, 4)}, TypeError, "mask must be a bool or integer"),
+        ({"logprobs": [[0.0] * 4] * 2}, TypeError, "logprobs must be a torch.Tensor"),
+        ({"mask": torch.ones(2, 4, dtype=torch.bool, device="meta")}, ValueError, "mask is on meta"),
+        ({"logprobs": torch.tensor(0.0), "old_logprobs": torch.tensor(0.0), "advantages": torch.tensor(0.0), "mask": torch.tensor(True)}, ValueError, "logprobs must have shape \\[..., T\\]"),
+        ({"clip_low": 0.0}, ValueError, "clip_low must be in"),
+        ({"clip_low": 1.0}, ValueError, "clip_low must be in"),
+        ({"clip_low": math.nan}, ValueError, "clip_low must be in"),
+        ({"clip_low": "0.2"}, TypeError, "clip_low must be a number"),
+        ({"clip_high": 0.0}, ValueError, "clip_high must be > 0"),
+        ({"clip_high": -0.2}, ValueError, "clip_high must be > 0"),
+        ({"dual_clip": 1.0}, ValueError, "dual_clip must be > 1"),
+        ({"dual_clip": 0.5}, ValueError, "dual_clip must be > 1"),
+        ({"dual_clip": True}, TypeError, "dual_clip must be a number"),
+        ({"agg": "mean"}, ValueError, "agg must be one of"),
+        ({"normalizer": 0}, ValueError, "normalizer must be > 0"),
+        ({"normalizer": -3.0}, ValueError, "normalizer must be > 0"),
+        ({"normalizer": torch.tensor(0.0)}, ValueError, "normalizer must be > 0"),
+        ({"normalizer": torch.tensor([4.0])}, ValueError, "normalizer must be a number or a 0-dim tensor"),
+        ({"normalizer": torch.tensor(True)}, TypeError, "normalizer must be a real number"),
+        ({"normalizer": "8"}, TypeError, "normalizer must be a number"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input(change, exc, match, backend):
+    args = _good()
+    kwargs = {k: args.pop(k) for k in list(args) if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
+    for k, v in change.items():
+        (args if k in args else kwargs)[k] = v
+    with fastppo.use_backend(backend), pytest.raises(exc, match=match):
+        fastppo.policy_loss(args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"], **kwargs)
+
+
+def test_options_are_keyword_only():
+    args = _good()
+    with pytest.raises(TypeError):
+        fastppo.policy_loss(*args.values(), 0.2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_constants_get_no_gradient(backend):
+    lp, old, adv, mask = make_inputs((2, 7))
+    lp, old, adv = (x.requires_grad_() for x in (lp, old, adv))
+    with fastppo.use_backend(backend):
+        fastppo.policy_loss(lp, old, adv, mask, dual_clip=2.0)[0].backward()
+    assert lp.grad is not None and old.grad is None and adv.grad is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_empty_input(backend, shape):
+    lp = torch.zeros(shape, requires_grad=True)
+    with fastppo.use_backend(backend):
+        loss, stats = fastppo.policy_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.ones(shape, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and lp.grad.shape == shape
+    assert stats["clip_frac"].item() == 0.0 and stats["ratio_max"].item() == 1.0
