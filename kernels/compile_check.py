@@ -13,7 +13,9 @@ a kernel that spills on the GPU is a slow kernel, and we want to know before a G
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -61,44 +63,49 @@ def compile_one(spec, cc: int) -> dict:
     return {"regs": reg, "stack": stack, "shared": max(shared, compiled.metadata.shared), "local": local}
 
 
+def _job(modname: str, idx: int, cc: int) -> tuple:
+    """Compile spec ``idx`` of ``modname`` for sm_``cc``; one table row, status last."""
+    spec = importlib.import_module(modname).COMPILE_SPECS[idx]
+    try:
+        r = compile_one(spec, cc)
+        status = "SPILL" if r["local"] > 0 or r["stack"] > 0 else "ok"
+    except Exception as e:  # report every failure, then exit non-zero
+        r = {"regs": "-", "shared": "-", "local": "-", "stack": "-"}
+        status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return (spec.kernel.__name__, spec.label, f"sm_{cc}", r["regs"], r["shared"], r["local"], r["stack"], status)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default: 80 90)")
     p.add_argument("--only", default=None, help="only kernels whose name contains this string")
+    p.add_argument("--jobs", type=int, default=0, help="parallel compiles (default: one per CPU core)")
     args = p.parse_args(argv)
 
     # Compile mode, even on a machine without a GPU. Triton fixes the mode when a kernel is decorated,
     # so this must happen before any kernel module is imported: run this as a fresh process.
     os.environ["FASTPPO_TRITON_COMPILE"] = "1"
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = its current default
     jit_mod = sys.modules.get("fastppo.kernels._jit")
     if jit_mod is not None and jit_mod.INTERPRET:
         raise SystemExit("compile_check: kernels were already imported in interpreter mode; run `python -m fastppo.kernels.compile_check` in a fresh process")
 
-    failures = 0
-    rows = []
+    jobs = []
     for modname in KERNEL_MODULES:
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name == modname:  # module not written yet: nothing to compile
+        for idx, spec in enumerate(importlib.import_module(modname).COMPILE_SPECS):
+            if args.only and args.only not in spec.kernel.__name__:
                 continue
-            raise
-        for spec in getattr(mod, "COMPILE_SPECS", []):
-            name = spec.kernel.__name__
-            if args.only and args.only not in name:
-                continue
-            for cc in args.arch:
-                try:
-                    r = compile_one(spec, cc)
-                    spill = r["local"] > 0 or r["stack"] > 0
-                    status = "SPILL" if spill else "ok"
-                    failures += spill
-                except Exception as e:  # report every failure, then exit non-zero
-                    r = {"regs": "-", "shared": "-", "local": "-", "stack": "-"}
-                    status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                    failures += 1
-                rows.append((name, spec.label, f"sm_{cc}", r["regs"], r["shared"], r["local"], r["stack"], status))
+            jobs += [(modname, idx, cc) for cc in args.arch]
+    # Compiles are independent and CPU-bound (ptxas): spread them over the cores.
+    workers = max(1, min(args.jobs or os.cpu_count() or 1, len(jobs)))
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            rows = list(pool.map(_job, *zip(*jobs))) if jobs else []
+    else:
+        rows = [_job(*j) for j in jobs]
+    failures = sum(row[-1] != "ok" for row in rows)
     header = ("kernel", "config", "arch", "regs", "shared", "local", "stack", "status")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     for row in (header, *rows):
