@@ -1,6 +1,557 @@
-"""Rollout generation. STUB: being written."""
+"""Rollout generation with the trainer's own Hugging Face model: eager prefill, then a decode loop over a
+static KV cache, CUDA-graph captured on GPU (a plain loop on CPU).
+
+How a rollout runs (``Generator.generate``):
+
+1. **Prefill** (eager): the prompt goes through the model once, writing every layer's K/V into the
+   static cache (:mod:`fastppo.attention`; rows left-aligned, so a token's slot is its position id),
+   and the first token is sampled. With flash-attn the prompts are packed without padding (varlen
+   kernel); else a left-padded batch with an SDPA mask.
+2. **Decode**: one token per row per step. The step (model forward, sampling, EOS bookkeeping, output
+   writes) reads and writes only persistent device buffers and never syncs with the host, so on CUDA
+   it is captured once per *batch bucket* (1, 2, 4, ... up to ``max_batch_size``; a batch is padded up
+   to its bucket with finished dummy rows) and replayed. With SDPA attention the key length is bucketed
+   too (multiples of ``kv_block``), so a step reads the cache up to the longest row, not to ``max_length``.
+3. Every ``check_every`` steps (only when an EOS is given) the host reads how many rows are still
+   running: it stops when none is, and **compacts** the live rows into a smaller bucket when they fit.
+
+Randomness: one ``torch.Generator`` per ``Generator`` on the model's device, registered with every
+captured graph, reseeded from the caller's ``generator`` (or the global RNG) at the start of a call
+and whenever the step's graph changes, so that a seeded call gives the same tokens whether or not the
+graphs were already captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastppo._checks import check_int, check_mask
+from fastppo.attention import ATTN_NAME, AttentionPlan, KVCache, attn_implementation, flash_attn_available, pack_padded
+from fastppo.sampling import sample_tokens
+
+MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (padded with -1) so that a graph serves any set
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :meth:`Generator.generate`.
+
+    ``sequences`` int64 ``[B, P + N]``: the prompt exactly as given (left-padded), then the completion,
+    ``pad_token_id`` after a row's EOS. ``N`` is the longest completion (``max_new_tokens`` when no
+    row stopped early). ``completion_mask`` bool ``[B, N]``: real completion tokens, EOS included.
+    ``logprobs`` float32 ``[B, N]``: ``log_softmax(logits / temperature)`` of each chosen token, before
+    top-k/top-p filtering (0 where the mask is false). Timing: ``prefill_seconds``, ``decode_seconds``
+    (graph captures excluded: they are ``capture_seconds``, paid once per bucket), ``tokens_per_second``.
+    """
+
+    sequences: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_length: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    num_tokens: int
+    capture_seconds: float = 0.0
+
+    @property
+    def completions(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated (valid) tokens per second of prefill + decode."""
+        return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class _ModelInfo:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _inspect_model(model) -> _ModelInfo:
+    """Static checks for 'unsupported model'; :meth:`Generator._probe` then runs one token through it."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or config is None:
+        raise TypeError(
+            f"model must be a Hugging Face causal LM (a PreTrainedModel with a config), got {type(model).__name__}"
+        )
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"unsupported model {name}: encoder-decoder models are not supported, only decoder-only causal LMs")
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"unsupported model {name}: its forward has no `logits_to_keep` argument (not a transformers>=4.50 causal LM?)"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"unsupported model {name}: it does not route attention through transformers' AttentionInterface")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other or (getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None) and not layer_types):
+        found = other or ["sliding_attention"]
+        raise ValueError(f"unsupported model {name}: only full-attention layers are supported, found {found}")
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    param = next(model.parameters())
+    dtype = getattr(model, "dtype", param.dtype)
+    return _ModelInfo(text.num_hidden_layers, kv_heads, head_dim, text.vocab_size, param.device, dtype)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _more_recompiles():
+    """With ``compile=True`` every (bucket, key length, mode) is one more specialisation of the step;
+    raise dynamo's per-function limit (8) for the warm-up that compiles it, instead of falling back to eager."""
+    cfg = torch._dynamo.config
+    names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+    names = [n for n in names if hasattr(cfg, n)]
+    return cfg.patch(**{n: max(getattr(cfg, n), 1024) for n in names})
+
+
+def _check_token(name, value, vocab: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < vocab:
+        raise ValueError(f"{name} must lie in [0, {vocab}), got {value}")
+    return value
+
+
+def _check_eos(eos_token_id, vocab: int) -> list[int]:
+    if eos_token_id is None:
+        return []
+    single = isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
+    eos = [eos_token_id] if single else list(eos_token_id)
+    if len(eos) > MAX_EOS:
+        raise ValueError(f"eos_token_id: at most {MAX_EOS} ids are supported, got {len(eos)}")
+    return [_check_token("eos_token_id", e, vocab) for e in eos]
+
+
+def _check_sampling(do_sample, temperature, top_k, top_p, generator) -> None:
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not number(temperature) or not temperature > 0 or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _int("top_k", top_k, 0)
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _check_prompts(input_ids, attention_mask, vocab: int, device):
+    """Returns ``(ids int64, mask bool, lengths)``; a few one-boolean syncs, once per call."""
+    check_int("input_ids", input_ids)
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [batch, prompt_length] with both > 0, got {tuple(input_ids.shape)}")
+    mask = check_mask("attention_mask", attention_mask, input_ids.shape)
+    for name, t in (("input_ids", input_ids), ("attention_mask", mask)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+    ids = input_ids.long()
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary size), found {int(ids[bad][0])}")
+    m = mask.long()
+    lengths = m.sum(-1)
+    if bool((lengths == 0).any()):
+        row = int((lengths == 0).nonzero()[0])
+        raise ValueError(f"attention_mask: row {row} has no real token (every prompt needs one)")
+    right = (m[:, 1:] < m[:, :-1]).any(-1)
+    if bool(right.any()):
+        raise ValueError(
+            f"attention_mask must be left-padded (zeros, then ones), row {int(right.nonzero()[0])} is not; "
+            "use tokenizer.padding_side = 'left'"
+        )
+    return ids, mask, lengths
+
+
+def _buckets(max_batch_size: int) -> list[int]:
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if (1 << i) < max_batch_size]
+    return sizes + [max_batch_size]
 
 
 class Generator:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError
+    """Rollout engine around a Hugging Face causal LM (tested: Llama, Qwen2).
+
+    ``Generator(model, *, max_batch_size, max_length, cuda_graphs="auto", attention="auto",
+    prefill="auto", check_every=16, kv_block=None, compile=False)``
+
+    * ``max_batch_size``: rows per decode batch (larger inputs are generated in chunks of this size);
+      ``max_length``: prompt width + ``max_new_tokens`` limit. The KV cache
+      (``layers * 2 * max_batch_size * max_length * kv_heads * head_dim`` elements) is allocated here,
+      and it and the captured graphs are kept across calls.
+    * ``cuda_graphs``: ``"auto"`` (on for CUDA models), ``True`` or ``False``.
+    * ``attention``: decode attention, ``"flash"`` (``flash_attn_with_kvcache``, reads only the valid
+      keys; needs flash-attn, CUDA, fp16/bf16) or ``"sdpa"``; ``"auto"`` picks flash when possible.
+    * ``prefill``: ``"packed"`` (padding-free varlen; flash-attn on CUDA, a per-sequence SDPA loop
+      otherwise) or ``"padded"`` (one masked SDPA); ``"auto"``: packed iff ``attention == "flash"``.
+    * ``compile``: ``torch.compile`` the decode step (before capturing it on CUDA): fuses the model's
+      elementwise ops (norms, rotary, activations), fewer kernels per step. Experimental: each
+      (bucket, key length, mode) compiles once, at its first use.
+    """
+
+    def __init__(self, model, *, max_batch_size: int, max_length: int, cuda_graphs="auto", attention: str = "auto",
+                 prefill: str = "auto", check_every: int = 16, kv_block: int | None = None, compile: bool = False):
+        info = _inspect_model(model)
+        _int("max_batch_size", max_batch_size, 1)
+        _int("max_length", max_length, 2)
+        _int("check_every", check_every, 1)
+        on_cuda = info.device.type == "cuda"
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+        if cuda_graphs is True and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, the model is on {info.device}")
+        flash_ok = on_cuda and flash_attn_available() and info.dtype in (torch.float16, torch.bfloat16)
+        if attention not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"attention must be 'auto', 'flash' or 'sdpa', got {attention!r}")
+        if attention == "flash" and not flash_ok:
+            raise ValueError("attention='flash' needs the flash-attn package, a CUDA model and fp16/bf16 weights")
+        if prefill not in ("auto", "packed", "padded"):
+            raise ValueError(f"prefill must be 'auto', 'packed' or 'padded', got {prefill!r}")
+        self.model = model
+        self.info = info
+        self.max_batch_size = max_batch_size
+        self.max_length = max_length
+        self.cuda_graphs = on_cuda if cuda_graphs == "auto" else cuda_graphs
+        self.attention = ("flash" if flash_ok else "sdpa") if attention == "auto" else attention
+        self.prefill = ("packed" if self.attention == "flash" else "padded") if prefill == "auto" else prefill
+        self.check_every = check_every
+        # why 256: a step reads at most 255 dead cache slots per row, and a few key lengths -> few graphs
+        self.kv_block = _int("kv_block", kv_block, 1) if kv_block is not None else (256 if on_cuda else 32)
+        self.buckets = _buckets(max_batch_size)
+        self.cache = KVCache.allocate(
+            info.layers, max_batch_size, max_length, info.kv_heads, info.head_dim, info.dtype, info.device
+        )
+        self._allocate_state()
+        self._rng = torch.Generator(device=info.device)
+        self._graphs: dict = {}
+        self._graph_params = None  # parameter addresses the graphs were captured with
+        self._pool = None
+        self._step_fn = self._step
+        if compile:
+            self._step_fn = torch.compile(self._step, dynamic=False)
+        self._probe()
+
+    # ---------------------------------------------------------------------------------------------
+    # buffers
+    # ---------------------------------------------------------------------------------------------
+    def _allocate_state(self):
+        r, n, dev = self.max_batch_size, self.max_length, self.info.device
+        z = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+        self.tokens, self.seqlens, self.row_ids = z(r), z(r), z(r)
+        self.finished = z(r, dtype=torch.bool)
+        self.step_idx = z()
+        # outputs are indexed by original row; row r (one past the last) is the scratch row of dummies
+        self.out_tokens, self.out_valid = z(r + 1, n), z(r + 1, n, dtype=torch.bool)
+        self.out_logprobs = z(r + 1, n, dtype=torch.float32)
+        self.temperature, self.top_p = z(dtype=torch.float32), z(dtype=torch.float32)
+        self.top_k, self.pad_id = z(), z()
+        self.eos = torch.full((MAX_EOS,), -1, dtype=torch.int64, device=dev)
+
+    def _state(self) -> dict:
+        return {"tokens": self.tokens, "seqlens": self.seqlens, "row_ids": self.row_ids,
+                "finished": self.finished, "step_idx": self.step_idx}
+
+    def _forward(self, plan: AttentionPlan, **inputs) -> torch.Tensor:
+        return self.model(**inputs, use_cache=False, fastppo_plan=plan).logits
+
+    def _probe(self):
+        """Run one token through the model: an unsupported model fails here with a clear message."""
+        ids = torch.zeros(1, 1, dtype=torch.int64, device=self.info.device)
+        zero = torch.zeros(1, dtype=torch.int64, device=self.info.device)
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.info.device)
+        plan = AttentionPlan("padded", self.cache, mask=mask, src=(zero, zero), slots=zero)
+        calls = []
+        plan.on_call = calls.append
+        name = type(self.model).__name__
+        try:
+            with torch.no_grad(), attn_implementation(self.model), _eval_mode(self.model):
+                self._forward(plan, input_ids=ids, position_ids=zero[None], logits_to_keep=1)
+        except (RuntimeError, TypeError) as e:
+            if "fastppo_plan" in str(e):
+                why = "its forward does not pass kwargs down to the attention function"
+                raise ValueError(f"unsupported model {name}: {why}") from e
+            raise
+        if sorted(calls) != list(range(self.info.layers)):
+            raise ValueError(
+                f"unsupported model {name}: expected one {ATTN_NAME!r} attention call per layer "
+                f"(0..{self.info.layers - 1}), got layers {sorted(calls)}"
+            )
+
+    # ---------------------------------------------------------------------------------------------
+    # public API
+    # ---------------------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id=None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> GenerationOutput:
+        """Complete left-padded prompts ``input_ids`` int ``[B, P]`` (``attention_mask`` ``[B, P]``, 0 = padding).
+
+        ``do_sample=False``: greedy (argmax). Else sample from ``softmax(logits / temperature)``, after
+        top-k (``0``: off) and top-p (``1.0``: off) filtering. ``eos_token_id``: an int or a list of ints
+        (at most 8); ``None`` means no stop token (always ``max_new_tokens``). ``pad_token_id`` fills a row
+        after its EOS (default: the first EOS id, else 0). ``generator``: seeds the sampling (the same seed
+        gives the same tokens on a given device); without it the global RNG (``torch.manual_seed``) does.
+        Batches larger than ``max_batch_size`` are generated in consecutive chunks.
+        """
+        ids, mask, lengths = _check_prompts(input_ids, attention_mask, self.info.vocab, self.info.device)
+        _int("max_new_tokens", max_new_tokens, 1)
+        if ids.shape[1] + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {ids.shape[1] + max_new_tokens} "
+                f"exceeds max_length={self.max_length} of this Generator"
+            )
+        _check_sampling(do_sample, temperature, top_k, top_p, generator)
+        eos = _check_eos(eos_token_id, self.info.vocab)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        _check_token("pad_token_id", pad_token_id, self.info.vocab)
+
+        mode = "greedy" if not do_sample else ("filter" if top_k > 0 or top_p < 1 else "sample")
+        seed = 0
+        if do_sample:  # one draw from the caller's generator seeds the whole call
+            gen_device = generator.device if generator is not None else "cpu"
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
+        self.temperature.fill_(float(temperature))
+        self.top_k.fill_(top_k)
+        self.top_p.fill_(float(top_p))
+        self.pad_id.fill_(pad_token_id)
+        self.eos.fill_(-1)
+        if eos:
+            self.eos[: len(eos)] = torch.tensor(eos, dtype=torch.int64)
+
+        if self.cuda_graphs:
+            self._check_params()
+        r = self.max_batch_size
+        parts = [
+            self._generate_chunk(ids[i : i + r], mask[i : i + r], lengths[i : i + r], max_new_tokens, mode, bool(eos),
+                                 seed + i)
+            for i in range(0, ids.shape[0], r)
+        ]
+        return self._merge(ids, parts, pad_token_id)
+
+    def reset_graphs(self) -> None:
+        """Drop the captured graphs (they are recaptured on use). Done automatically when a parameter
+        tensor of the model was replaced; in-place weight updates (optimizer steps) need nothing."""
+        self._graphs.clear()
+        self._graph_params = None
+
+    def _check_params(self):
+        # a graph reads the parameters at the addresses seen at capture: in-place updates are fine,
+        # re-assigned tensors (load_state_dict(assign=True), re-materialised shards) are not
+        ptrs = [p.data_ptr() for p in self.model.parameters()]
+        if ptrs != self._graph_params:
+            self.reset_graphs()
+            self._graph_params = ptrs
+
+    # ---------------------------------------------------------------------------------------------
+    # one chunk of at most max_batch_size rows
+    # ---------------------------------------------------------------------------------------------
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _kv_len(self, need: int) -> int:
+        return min(self.max_length, -(-need // self.kv_block) * self.kv_block)
+
+    def _sync(self):
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+
+    def _generate_chunk(self, ids, mask, lengths, new_tokens, mode, has_eos, seed):
+        rows = ids.shape[0]
+        longest = int(lengths.max())
+        self._rng.manual_seed(seed)
+        with torch.no_grad(), attn_implementation(self.model), _eval_mode(self.model):
+            self._sync()
+            t0 = time.perf_counter()
+            logits = self._prefill(ids, mask, lengths)
+            b = self._bucket(rows)
+            self.out_tokens[:, :new_tokens] = self.pad_id
+            self.out_valid[:, :new_tokens] = False
+            self.out_logprobs[:, :new_tokens] = 0
+            self.row_ids[:rows] = torch.arange(rows, device=ids.device)
+            self.row_ids[rows:b] = self.max_batch_size
+            self.finished[:b] = False
+            self.seqlens[:rows] = lengths
+            self.seqlens[rows:b] = 0
+            self.tokens[rows:b] = self.pad_id
+            self.step_idx.zero_()
+            tok, lp = sample_tokens(logits, mode=mode, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                    generator=self._rng)
+            self._record(rows, tok, lp)
+            self.finished[rows:b] = True
+            self._sync()
+            t1 = time.perf_counter()
+            steps, key, capture = 0, None, 0.0
+            for t in range(1, new_tokens):
+                if has_eos and (t - 1) % self.check_every == 0:
+                    b = self._check_and_compact(b, longest + t)
+                    if b == 0:
+                        break
+                kv_len = self._kv_len(longest + t) if self.attention == "sdpa" else 0
+                if (b, kv_len, mode) != key:
+                    key = (b, kv_len, mode)
+                    if self.cuda_graphs and key not in self._graphs:
+                        tc = time.perf_counter()
+                        self._capture(key)
+                        capture += time.perf_counter() - tc
+                    # reseed at each graph change: same tokens whether or not this graph was captured now
+                    self._rng.manual_seed(seed + 7919 * t)
+                if self.cuda_graphs:
+                    self._graphs[key].replay()
+                else:
+                    self._step_fn(*key)
+                steps += 1
+            self._sync()
+            t2 = time.perf_counter()
+        n = new_tokens
+        valid = self.out_valid[:rows, :n]
+        if has_eos:
+            n = int(valid.sum(-1).max())
+        return (self.out_tokens[:rows, :n].clone(), self.out_valid[:rows, :n].clone(), self.out_logprobs[:rows, :n].clone(),
+                t1 - t0, t2 - t1 - capture, steps, capture)
+
+    def _merge(self, ids, parts, pad) -> GenerationOutput:
+        n = max(p[0].shape[1] for p in parts)
+        widen = lambda t, fill: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=fill)  # noqa: E731
+        tokens = torch.cat([widen(p[0], pad) for p in parts])
+        valid = torch.cat([widen(p[1], False) for p in parts])
+        logprobs = torch.cat([widen(p[2], 0.0) for p in parts])
+        return GenerationOutput(
+            sequences=torch.cat([ids, tokens], dim=1), completion_mask=valid, logprobs=logprobs, prompt_length=ids.shape[1],
+            prefill_seconds=sum(p[3] for p in parts), decode_seconds=sum(p[4] for p in parts),
+            decode_steps=sum(p[5] for p in parts), num_tokens=int(valid.sum()), capture_seconds=sum(p[6] for p in parts),
+        )
+
+    def _prefill(self, ids, mask, lengths) -> torch.Tensor:
+        """Eager forward over the prompts: fills the cache rows ``0..B-1``, returns last-token logits ``[B, V]``."""
+        rows, width = ids.shape
+        if self.prefill == "packed":
+            packed = pack_padded(ids, mask)
+            slots = packed.position_ids[0]
+            plan = AttentionPlan("packed", self.cache, backend=self.attention, rows=packed.indices // width,
+                                 slots=slots, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
+            last = packed.cu_seqlens[1:].long() - 1
+            logits = self._forward(plan, input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=last)
+            return logits[0].float()
+        positions = mask.long().cumsum(-1) - 1
+        b_idx, t_idx = mask.nonzero(as_tuple=True)
+        causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
+        # a padding query attends to itself only: no all-masked row (NaN) whose garbage could reach the cache
+        attend = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=ids.device)[None]
+        plan = AttentionPlan("padded", self.cache, mask=attend[:, None], src=(b_idx, t_idx), slots=positions[b_idx, t_idx])
+        logits = self._forward(plan, input_ids=ids, position_ids=positions.clamp_min(0), logits_to_keep=1)
+        return logits[:, -1].float()
+
+    # ---------------------------------------------------------------------------------------------
+    # the decode step (captured) and its bookkeeping
+    # ---------------------------------------------------------------------------------------------
+    def _record(self, b, tok, lp):
+        """Write this step's token/log-prob/validity for rows ``0..b-1`` at column ``step_idx``; no host sync."""
+        fin = self.finished[:b]
+        tok = torch.where(fin, self.pad_id, tok)
+        lp = torch.where(fin, torch.zeros_like(lp), lp)
+        where = (self.row_ids[:b], self.step_idx.expand(b))
+        self.out_tokens.index_put_(where, tok)
+        self.out_logprobs.index_put_(where, lp)
+        self.out_valid.index_put_(where, ~fin)
+        fin |= (tok[:, None] == self.eos).any(-1)
+        self.tokens[:b] = tok
+        self.step_idx += 1
+
+    def _step(self, b: int, kv_len: int, mode: str):
+        """Feed ``tokens[:b]`` at slots/positions ``seqlens[:b]``, sample the next tokens, record them."""
+        seqlens = self.seqlens[:b]
+        plan = AttentionPlan("decode", self.cache, backend=self.attention, seqlens=seqlens, kv_len=kv_len)
+        if self.attention == "flash":
+            plan.seqlens32 = seqlens.to(torch.int32)
+        else:
+            plan.mask = (torch.arange(kv_len, device=seqlens.device) <= seqlens[:, None])[:, None, None, :]
+        logits = self._forward(plan, input_ids=self.tokens[:b, None], position_ids=seqlens[:, None], logits_to_keep=1)
+        tok, lp = sample_tokens(logits[:, -1], mode=mode, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                generator=self._graph_rng(mode))
+        self._record(b, tok, lp)
+        seqlens += 1
+
+    def _graph_rng(self, mode):
+        # a non-default CUDA generator can only be used in a captured graph once registered with it
+        # (torch >= 2.5); older torch falls back to the default generator (then not reproducible)
+        if mode == "greedy":
+            return None
+        if self.cuda_graphs and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            return None
+        return self._rng
+
+    def _check_and_compact(self, b: int, used_len: int) -> int:
+        """Host check (one sync): returns the new bucket size, 0 when every row has finished."""
+        live = (~self.finished[:b]).nonzero().flatten()
+        n = live.numel()
+        if n == 0:
+            return 0
+        nb = self._bucket(n)
+        if nb == b:
+            return b
+        src = torch.cat([live, live[:1].expand(nb - n)])
+        used_len = min(used_len, self.max_length)
+        for cache in self.cache.keys + self.cache.values:
+            cache[:nb, :used_len] = cache[src, :used_len]
+        for t in (self.tokens, self.seqlens, self.row_ids):
+            t[:nb] = t[src]
+        self.row_ids[n:nb] = self.max_batch_size
+        self.finished[:nb] = False
+        self.finished[n:nb] = True
+        return nb
+
+    def _capture(self, key):
+        """Warm up (lazy inits, compilation) on a side stream, undo its effects, then capture ``_step``."""
+        saved = {k: v.clone() for k, v in self._state().items()}
+        stream = torch.cuda.Stream(self.info.device)
+        stream.wait_stream(torch.cuda.current_stream(self.info.device))
+        with torch.cuda.stream(stream), _more_recompiles():
+            for _ in range(2):
+                self._step_fn(*key)
+                for k, v in saved.items():  # the warm-up wrote at the same slots the real step will overwrite
+                    self._state()[k].copy_(v)
+        torch.cuda.current_stream(self.info.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_rng(key[2]) is not None:
+            graph.register_generator_state(self._rng)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step_fn(*key)
+        self._graphs[key] = graph

@@ -1,0 +1,296 @@
+"""fastppo.Generator on CPU (plain decode loop) against Hugging Face ``generate`` and a full forward.
+
+CUDA-graph cases run only with a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests._tiny_models import EOS_ID, PAD_ID, ragged_prompts, tiny_llama, tiny_qwen2, tiny_tokenizer
+
+import fastppo
+from fastppo.attention import ATTN_NAME, choose_attn_implementation, pack_padded
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+P = 7  # prompt width of ragged_prompts
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build(seed=1) for name, build in BUILDERS.items()}
+
+
+def hf_greedy(model, ids, mask, new, eos=None):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                         eos_token_id=eos, pad_token_id=PAD_ID)
+    return out
+
+
+def eos_from_greedy(model, ids, mask, new, kind):
+    """EOS ids that greedy decoding really emits. ``"one"``: the third token of row 0 (some rows stop,
+    others run to the end); ``"many"``: the second token of every row (all stop early: the loop ends)."""
+    free = hf_greedy(model, ids, mask, new)[:, P:]
+    return int(free[0, 2]) if kind == "one" else sorted(set(free[:, 1].tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# greedy parity with HF generate
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", list(BUILDERS))
+@pytest.mark.parametrize("prefill", ["padded", "packed"])
+@pytest.mark.parametrize("with_eos", [None, "one", "many"])
+def test_greedy_matches_hf_generate(models, arch, prefill, with_eos):
+    model = models[arch]
+    ids, mask = ragged_prompts(5, max_len=P, seed=3)
+    new = 9
+    eos = eos_from_greedy(model, ids, mask, new, with_eos) if with_eos else None
+    ref = hf_greedy(model, ids, mask, new, eos)
+    # max_batch_size 8: the 5 rows are padded to bucket 8; check_every=1 + kv_block=4 cross
+    # several key-length buckets and compact the batch as rows finish
+    gen = fastppo.Generator(model, max_batch_size=8, max_length=24, prefill=prefill, check_every=1, kv_block=4)
+    out = gen.generate(ids, mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID)
+    assert out.sequences.shape == ref.shape
+    assert torch.equal(out.sequences, ref)
+    assert torch.equal(out.sequences[:, :P], ids)
+    n = out.sequences.shape[1] - P
+    assert out.completion_mask.shape == out.logprobs.shape == (5, n)
+    assert out.completion_mask.dtype == torch.bool and out.logprobs.dtype == torch.float32
+    comp = out.completions
+    if with_eos:
+        hit = torch.isin(comp, torch.tensor(eos))
+        assert hit.any()  # EOS really happened
+        if with_eos == "one":
+            assert n == new and not out.completion_mask.all()  # some rows padded after EOS
+        else:
+            assert n < new and out.decode_steps < new - 1  # every row stopped: the loop ended early
+        for row in range(5):
+            stop = int(hit[row].nonzero()[0]) + 1 if hit[row].any() else n
+            assert out.completion_mask[row, :stop].all() and not out.completion_mask[row, stop:].any()
+            assert (comp[row, stop:] == PAD_ID).all() and (out.logprobs[row, stop:] == 0).all()
+    else:
+        assert n == new and out.completion_mask.all()
+    assert out.num_tokens == int(out.completion_mask.sum())
+
+
+def test_greedy_matches_hf_generate_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_qwen2(seed=5).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tok = tiny_tokenizer()
+    batch = tok(["hello world", "a", "PPO!"], return_tensors="pt", padding=True)
+    ref = hf_greedy(model, batch.input_ids, batch.attention_mask, 6, EOS_ID)
+    out = fastppo.Generator(model, max_batch_size=4, max_length=32).generate(
+        batch.input_ids, batch.attention_mask, max_new_tokens=6, do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_chunking_and_reuse_give_the_same_tokens(models):
+    model = models["llama"]
+    ids, mask = ragged_prompts(5, max_len=P, seed=4)
+    ref = hf_greedy(model, ids, mask, 5)
+    gen = fastppo.Generator(model, max_batch_size=2, max_length=16)  # 5 rows -> chunks of 2, 2, 1
+    for _ in range(2):  # the second call reuses cache and buffers
+        out = gen.generate(ids, mask, max_new_tokens=5, do_sample=False)
+        assert torch.equal(out.sequences, ref)
+    one = gen.generate(ids[:1], mask[:1], max_new_tokens=1, do_sample=False)  # no decode step at all
+    assert torch.equal(one.sequences, ref[:1, : P + 1]) and one.decode_steps == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# log-probs against a full forward
+# ---------------------------------------------------------------------------------------------------
+SETTINGS = [dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8), dict(do_sample=False, temperature=2.0)]
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+@pytest.mark.parametrize("sampling", SETTINGS)
+def test_logprobs_match_a_full_forward(models, arch, sampling):
+    model = models[arch]
+    ids, mask = ragged_prompts(4, max_len=P, seed=6)
+    temperature = sampling["temperature"]
+    out = fastppo.Generator(model, max_batch_size=4, max_length=20).generate(
+        ids, mask, max_new_tokens=8, eos_token_id=EOS_ID, generator=torch.Generator().manual_seed(0), **sampling)
+    full_mask = torch.cat([mask.bool(), out.completion_mask], dim=1)
+    positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences, attention_mask=full_mask.long(), position_ids=positions).logits
+    ref, _ = fastppo.logprobs_and_entropy(logits[:, P - 1 : -1], out.completions, temperature=temperature)
+    m = out.completion_mask
+    assert m[:, 0].all()
+    torch.testing.assert_close(out.logprobs[m], ref[m], atol=2e-5, rtol=1e-5)
+    assert (out.logprobs[~m] == 0).all()
+    assert (out.logprobs[m] <= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling reproducibility, timing, side effects
+# ---------------------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible(models):
+    model = models["qwen2"]
+    ids, mask = ragged_prompts(3, max_len=P, seed=7)
+    gen = fastppo.Generator(model, max_batch_size=4, max_length=24)
+    def run(seed):
+        return gen.generate(ids, mask, max_new_tokens=12, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.sequences, c.sequences)
+    torch.manual_seed(3)
+    d = gen.generate(ids, mask, max_new_tokens=12)
+    torch.manual_seed(3)
+    e = gen.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(d.sequences, e.sequences)
+    assert a.prefill_seconds > 0 and a.decode_seconds > 0 and a.decode_steps == 11
+    assert a.tokens_per_second == pytest.approx(a.num_tokens / (a.prefill_seconds + a.decode_seconds))
+
+
+def test_model_state_is_restored(models):
+    model = models["llama"]
+    model.train()
+    try:
+        ids, mask = ragged_prompts(2, max_len=P)
+        fastppo.Generator(model, max_batch_size=2, max_length=12).generate(ids, mask, max_new_tokens=3)
+        assert model.training and model.config._attn_implementation == "sdpa"
+    finally:
+        model.eval()
+
+
+def test_pack_padded_round_trip():
+    ids, mask = ragged_prompts(4, max_len=P, seed=8)
+    packed = pack_padded(ids, mask)
+    lengths = mask.sum(-1)
+    assert packed.input_ids.shape == (1, int(lengths.sum()))
+    assert packed.cu_seqlens.tolist() == [0, *lengths.cumsum(0).tolist()] and packed.max_seqlen == P
+    assert packed.position_ids[0, : int(lengths[0])].tolist() == list(range(int(lengths[0])))
+    assert torch.equal(packed.unpack(packed.input_ids, fill=PAD_ID), ids)
+
+
+def test_attn_implementation_choice_on_cpu():
+    assert choose_attn_implementation("cpu") == "sdpa"
+    assert not fastppo.attention.padding_free("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------
+def test_errors(models):
+    model = models["llama"]
+    gen = fastppo.Generator(model, max_batch_size=2, max_length=12)
+    ids, mask = ragged_prompts(2, max_len=P)
+    with pytest.raises(ValueError, match=r"prompt length 7 \+ max_new_tokens 6 = 13 exceeds max_length=12"):
+        gen.generate(ids, mask, max_new_tokens=6)
+    with pytest.raises(ValueError, match="left-padded"):
+        gen.generate(ids, mask.flip(-1), max_new_tokens=2)
+    empty = mask.clone()
+    empty[0] = 0
+    with pytest.raises(ValueError, match="row 0 has no real token"):
+        gen.generate(ids, empty, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 128\)"):
+        gen.generate(ids + 200, mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        gen.generate(ids, mask[:, 1:], max_new_tokens=2)
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        gen.generate(ids.float(), mask, max_new_tokens=2)
+    for kwargs, match in [
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=2, temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(max_new_tokens=2, top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+        (dict(max_new_tokens=2, top_k=-1), "top_k must be >= 0"),
+        (dict(max_new_tokens=2, eos_token_id=list(range(9))), "at most 8"),
+        (dict(max_new_tokens=2, eos_token_id=500), r"eos_token_id must lie in \[0, 128\)"),
+        (dict(max_new_tokens=2, pad_token_id=-1), "pad_token_id must lie in"),
+        (dict(max_new_tokens=2, generator=0), "generator must be a torch.Generator"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            gen.generate(ids, mask, **kwargs)
+    with pytest.raises(ValueError, match="input_ids is on meta but the model is on cpu"):
+        gen.generate(ids.to("meta"), mask.to("meta"), max_new_tokens=2)
+    for kwargs, match in [(dict(cuda_graphs="yes"), "cuda_graphs must be"), (dict(attention="xformers"), "attention must be"),
+                          (dict(prefill="chunked"), "prefill must be"), (dict(kv_block=0), "kv_block must be >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            fastppo.Generator(model, max_batch_size=1, max_length=8, **kwargs)
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        fastppo.Generator(model, max_batch_size=0, max_length=8)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
+        fastppo.Generator(model, max_batch_size=1, max_length=8, cuda_graphs=True)
+    with pytest.raises(ValueError, match="attention='flash' needs"):
+        fastppo.Generator(model, max_batch_size=1, max_length=8, attention="flash")
+
+
+def test_unsupported_models():
+    from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration
+
+    with pytest.raises(TypeError, match="must be a Hugging Face causal LM"):
+        fastppo.Generator(torch.nn.Linear(2, 2), max_batch_size=1, max_length=8)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        fastppo.Generator(t5, max_batch_size=1, max_length=8)
+    sliding = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    with pytest.raises(ValueError, match="only full-attention layers"):
+        fastppo.Generator(Qwen2ForCausalLM(sliding), max_batch_size=1, max_length=8)
+
+    class NoAttention(torch.nn.Module):  # looks like an HF LM but never calls the attention interface
+        _supports_attention_backend = True
+
+        def __init__(self):
+            super().__init__()
+            self.config = LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
+            self.emb = torch.nn.Embedding(16, 16)
+
+        def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+            return type("Out", (), {"logits": self.emb(input_ids)})()
+
+    with pytest.raises(ValueError, match=f"expected one '{ATTN_NAME}' attention call per layer"):
+        fastppo.Generator(NoAttention(), max_batch_size=1, max_length=8)
+
+    class NoKeep(NoAttention):
+        def forward(self, input_ids=None):
+            return None
+
+    with pytest.raises(ValueError, match="no `logits_to_keep`"):
+        fastppo.Generator(NoKeep(), max_batch_size=1, max_length=8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA graphs (GPU only)
+# ---------------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs(dtype):
+    """Greedy: graphs == eager loop == HF (fp32); sampling: the call that captures the graphs and the call
+    that replays them give the same tokens for the same seed."""
+    model = tiny_qwen2(seed=2, dtype=dtype).cuda()
+    ids, mask = (t.cuda() for t in ragged_prompts(5, max_len=P, seed=9))
+    kw = dict(max_batch_size=8, max_length=40, check_every=2, kv_block=8)
+    eager = fastppo.Generator(model, cuda_graphs=False, attention="sdpa", **kw)
+    graphed = fastppo.Generator(model, cuda_graphs=True, **kw)
+    eos = int(hf_greedy(model, ids, mask, 20)[0, P + 3])
+    greedy = dict(max_new_tokens=20, eos_token_id=eos, do_sample=False)
+    b = graphed.generate(ids, mask, **greedy)
+    assert len(graphed._graphs) > 1 and b.capture_seconds > 0
+    if dtype == torch.float32:
+        assert torch.equal(b.sequences, eager.generate(ids, mask, **greedy).sequences)
+        assert torch.equal(b.sequences, hf_greedy(model, ids, mask, 20, eos))
+    sampled = [graphed.generate(ids, mask, max_new_tokens=20, eos_token_id=eos, temperature=0.8, top_k=20,
+                                generator=torch.Generator("cuda").manual_seed(0)) for _ in range(2)]
+    assert sampled[0].capture_seconds > 0 and sampled[1].capture_seconds == 0
+    assert torch.equal(sampled[0].sequences, sampled[1].sequences)
+    assert torch.equal(sampled[0].logprobs, sampled[1].logprobs)
+
+
+@requires_cuda
+def test_cuda_graph_sampling_reproducible():
+    model = tiny_llama(seed=3, dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in ragged_prompts(4, max_len=P, seed=10))
+    gen = fastppo.Generator(model, max_batch_size=4, max_length=48)
+    runs = [gen.generate(ids, mask, max_new_tokens=32, generator=torch.Generator("cuda").manual_seed(s)).sequences
+            for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with torch.no_grad():  # a replaced parameter tensor invalidates the graphs (they read old addresses)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+    again = gen.generate(ids, mask, max_new_tokens=32, generator=torch.Generator("cuda").manual_seed(0))
+    assert again.capture_seconds > 0 and torch.equal(again.sequences, runs[0])
