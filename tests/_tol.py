@@ -21,3 +21,22 @@ def assert_within_rule(kernel: torch.Tensor, torch_same: torch.Tensor, ref64: to
             f"first at {idx}: kernel={kernel[tuple(idx)].item():.8g} fp64={ref64[tuple(idx)].item():.8g} "
             f"torch={torch_same[tuple(idx)].item():.8g}; max excess {(err_k - bound).max().item():.3g}"
         )
+
+
+def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Same values and shape, other strides."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "slice":  # rows padded by 3: x[..., :T] of a wider tensor
+        wide = torch.full((*x.shape[:-1], x.shape[-1] + 3), 7.0 if x.is_floating_point() else 1).to(x.dtype)
+        wide[..., : x.shape[-1]] = x
+        return wide[..., : x.shape[-1]]
+    if layout == "transpose":  # token dim no longer has stride 1
+        return x.movedim(-1, 0).contiguous().movedim(0, -1)
+    if layout == "permute":  # leading dims that do not merge: reshape(-1, T) must copy
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    raise ValueError(layout)
+
+
+def scalar(x):
+    return torch.as_tensor(x, dtype=torch.float64).reshape(1)

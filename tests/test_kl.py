@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import KL_KINDS
-from tests._tol import assert_within_rule
-from tests.test_policy_loss import relayout
+from tests._tol import assert_within_rule, relayout
 
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 

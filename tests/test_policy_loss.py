@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import AGGS
-from tests._tol import assert_within_rule
+from tests._tol import assert_within_rule, relayout, scalar
 
 STATS = ("clip_frac", "clip_frac_lower", "approx_kl", "ratio_max", "ratio_min")
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -77,21 +77,6 @@ def loop_policy(lp, old, adv, mask, *, clip_low=0.2, clip_high=None, dual_clip=N
 
 
 # ----------------------------------------------------------------------------- inputs
-def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """Same values and shape, other strides."""
-    if layout == "contiguous":
-        return x.contiguous()
-    if layout == "slice":  # rows padded by 3: x[..., :T] of a wider tensor
-        wide = torch.full((*x.shape[:-1], x.shape[-1] + 3), 7.0 if x.is_floating_point() else 1).to(x.dtype)
-        wide[..., : x.shape[-1]] = x
-        return wide[..., : x.shape[-1]]
-    if layout == "transpose":  # token dim no longer has stride 1
-        return x.movedim(-1, 0).contiguous().movedim(0, -1)
-    if layout == "permute":  # leading dims that do not merge: reshape(-1, T) must copy
-        return x.transpose(0, 1).contiguous().transpose(0, 1)
-    raise ValueError(layout)
-
-
 def make_inputs(shape, *, seed=0, mask_kind="holes", spread=0.6):
     g = torch.Generator().manual_seed(seed)
     lp = -3.0 * torch.rand(shape, generator=g)
@@ -114,10 +99,6 @@ def run(backend, lp, old, adv, mask, **opts):
         loss, stats = fastppo.policy_loss(lp, old, adv, mask, **opts)
     (grad,) = torch.autograd.grad(loss, lp)
     return loss, grad, stats
-
-
-def scalar(x):
-    return torch.as_tensor(x, dtype=torch.float64).reshape(1)
 
 
 # ----------------------------------------------------------------------------- reference vs loop

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import AGGS
-from tests._tol import assert_within_rule
-from tests.test_policy_loss import relayout, scalar
+from tests._tol import assert_within_rule, relayout, scalar
 
 STATS = ("clip_frac", "vpred_mean", "error_mean")
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
