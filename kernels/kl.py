@@ -9,8 +9,12 @@ branch of the small device functions ``_kl_value`` / ``_kl_grad`` at compile tim
     k1 = d                 dk/dd = 1
     abs = |d|              dk/dd = sign(d)
     k2 = d^2 / 2           dk/dd = d
-    k3 = clamp(exp(-dc) + dc - 1, -10, 10),  dc = clamp(d, -20, 20)
+    k3 = clamp(exp(-dc) + dc - 1, 0, 10),  dc = clamp(d, -20, 20)
                            dk/dd = 1 - exp(-dc) where neither clamp is active, else 0
+
+k3 is >= 0 mathematically, but ``exp(-d) + d - 1`` rounds to about -6e-8 for |d| near float32's
+epsilon; the floor at 0 is a rounding guard (its gradient passes, like verl's lower clamp at -10,
+which never binds), so k3 stays a valid non-negative penalty.
 
 The gradient with respect to ``ref_logprobs`` is minus the one with respect to ``logprobs``.
 """
@@ -41,7 +45,7 @@ def _kl_value(d, KIND: tl.constexpr):
         k = 0.5 * d * d
     else:
         dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
-        k = tl.minimum(tl.maximum(tl.exp(-dc) + dc - 1.0, -10.0), 10.0)
+        k = tl.minimum(tl.maximum(tl.exp(-dc) + dc - 1.0, 0.0), 10.0)
     return k
 
 
@@ -58,7 +62,7 @@ def _kl_grad(d, KIND: tl.constexpr):
         dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
         e = tl.exp(-dc)
         k = e + dc - 1.0
-        live = (d >= -20.0) & (d <= 20.0) & (k >= -10.0) & (k <= 10.0)
+        live = (d >= -20.0) & (d <= 20.0) & (k <= 10.0)  # the floor at 0 only guards rounding: gradient passes
         g = tl.where(live, 1.0 - e, 0.0)
     return g
 

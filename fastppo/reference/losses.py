@@ -19,7 +19,8 @@ AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_KINDS = ("k1", "abs", "k2", "k3")
 
 # verl/OpenRLHF clamp the log-ratio before exp (exp(20) ~ 4.9e8 is finite in float16's float32 compute)
-# and the k3 estimator to [-10, 10].
+# and the k3 estimator to [-10, 10]; k3 >= 0, so only the upper clamp binds (the lower bound here is 0,
+# a rounding guard).
 LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
 
@@ -148,7 +149,9 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k1", mask=None):
     """Per-token KL estimate of ``logprobs`` against ``ref_logprobs`` (same shape, any shape).
 
     ``d = logprobs - ref_logprobs``: ``k1 = d``, ``abs = |d|``, ``k2 = d^2 / 2``,
-    ``k3 = clamp(exp(-dc) + dc - 1, -10, 10)`` with ``dc = clamp(d, -20, 20)``.
+    ``k3 = clamp(exp(-dc) + dc - 1, 0, 10)`` with ``dc = clamp(d, -20, 20)``. k3 is >= 0
+    mathematically; the floor at 0 only guards against rounding (``expm1`` keeps it small) and lets
+    the gradient pass, while the clamp at 10 (as verl/OpenRLHF) stops it.
     Differentiable with respect to both inputs; masked positions give 0 and zero gradient.
     """
     dtype = result_dtype(logprobs, ref_logprobs)
@@ -164,7 +167,8 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k1", mask=None):
         out = 0.5 * d * d
     elif kind == "k3":
         dc = torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        out = torch.clamp(torch.exp(-dc) + dc - 1.0, -K3_CLAMP, K3_CLAMP)
+        out = torch.clamp(torch.expm1(-dc) + dc, max=K3_CLAMP)
+        out = out + (out.clamp_min(0.0) - out).detach()  # rounding guard: value floored, gradient unchanged
     else:
         raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
     if mask is not None:
