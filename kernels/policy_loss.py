@@ -140,6 +140,16 @@ def row_weights(row_count: torch.Tensor, agg: str, normalizer) -> torch.Tensor:
     return w.expand(rows)
 
 
+def weighted_grad(grad: torch.Tensor, w: torch.Tensor, grad_loss: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """Backward of ``loss = sum_r w_r sum_t l[r, t]`` from the kernel's saved per-token ``dl/dx``
+    (``grad`` fp32 ``[rows, T]``): row ``r`` scales by ``w_r * grad_loss``; returned in ``shape``/``dtype``
+    of the input. Shared by the value loss."""
+    scale = (w * grad_loss).to(torch.float32)
+    out = torch.empty(shape, dtype=dtype, device=grad.device)
+    torch.mul(grad, scale[:, None], out=out.view(grad.shape))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
     clip_low: float
@@ -184,11 +194,7 @@ class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         grad, w = ctx.saved_tensors
-        # The kernel saved dl/dlp per token; the loss is sum_r w_r sum_t l, so scale each row by w_r.
-        scale = (w * grad_loss).to(torch.float32)
-        out = torch.empty(ctx.lp_shape, dtype=ctx.lp_dtype, device=grad.device)
-        torch.mul(grad, scale[:, None], out=out.view(grad.shape))
-        return out, None, None, None, None
+        return weighted_grad(grad, w, grad_loss, ctx.lp_shape, ctx.lp_dtype), None, None, None, None
 
 
 def policy_loss_triton(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip, agg, normalizer):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastppo.kernels._jit import CompileSpec, jit
-from fastppo.kernels.policy_loss import BLOCK_T, N_PARTIAL, NUM_WARPS, row_weights
+from fastppo.kernels.policy_loss import BLOCK_T, N_PARTIAL, NUM_WARPS, row_weights, weighted_grad
 
 # Block size and warps as the policy loss (same access pattern: three streams + a mask).
 STAT_NAMES = ("clip_frac", "vpred_mean", "error_mean")
@@ -124,10 +124,7 @@ class ValueLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         grad, w = ctx.saved_tensors
-        scale = (w * grad_loss).to(torch.float32)  # loss = sum_r w_r sum_t l: row r scales by w_r
-        out = torch.empty(ctx.v_shape, dtype=ctx.v_dtype, device=grad.device)
-        torch.mul(grad, scale[:, None], out=out.view(grad.shape))
-        return out, None, None, None, None
+        return weighted_grad(grad, w, grad_loss, ctx.v_shape, ctx.v_dtype), None, None, None, None
 
 
 def value_loss_triton(values, old_values, returns, mask, *, clip, agg, normalizer):
