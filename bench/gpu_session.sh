@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs, one stage per device call (each call is limited to 10 minutes):
+#
+#   bash bench/gpu_session.sh tests      # install, environment, CUDA test suite (kernels compiled, not interpreted)
+#   bash bench/gpu_session.sh kernels    # logits / linear log-prob, loss and GAE benchmarks
+#   bash bench/gpu_session.sh generate   # rollout generation benchmark
+#
+# Output files go to $OUT (the device tool brings them back) or bench/results/gpu-DATE/; commit them
+# under bench/results/ with the device name and versions that env.txt records.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bench/gpu_session.sh tests|kernels|generate}
+out=${OUT:-bench/results/gpu-$(date -u +%F)}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+# The GPU image has torch/triton/transformers but no registry: install only our package.
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install --no-deps --no-build-isolation -e .
+
+run() {  # run NAME TIMEOUT CMD...: output to $out/NAME.txt and to the console
+    local name=$1 limit=$2; shift 2
+    echo "== $name: $*" | tee "$out/$name.txt"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+    echo "== exit ${PIPESTATUS[0]}" | tee -a "$out/$name.txt"
+}
+
+case $stage in
+tests)
+    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m fastppo.cli info; } > "$out/env.txt" 2>&1
+    cat "$out/env.txt"
+    run cuda_tests 540 env FASTPPO_TEST_CUDA=1 python3 -m pytest -q -p no:cacheprovider -x --timeout 120
+    ;;
+kernels)
+    run bench_logprobs 200 python3 bench/bench_logprobs.py
+    run bench_linear_logprobs 200 python3 bench/bench_linear_logprobs.py
+    run bench_losses 90 python3 bench/bench_losses.py
+    run bench_gae 60 python3 bench/bench_gae.py
+    ;;
+generate)
+    run bench_generate 560 python3 bench/bench_generate.py
+    ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
