@@ -1,5 +1,9 @@
-"""fastppo.logprobs_and_entropy on both backends (Triton under the interpreter, and the torch path)
-against a float64 reference written plainly here; the kernel's variants, batch invariance, errors."""
+"""fastppo.logprobs_and_entropy on both backends (Triton, and the torch path) against a float64
+reference written plainly here; the kernel's variants, batch invariance, errors.
+
+The Triton backend runs under Triton's interpreter on CPU tensors, or compiled on CUDA tensors when the
+suite runs with ``FASTPPO_TEST_CUDA=1`` on a GPU machine (:data:`KDEV`). References always stay on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,31 @@ import pytest
 import torch
 
 import fastppo
+from fastppo._backend import interpreting
 from tests._tol import assert_within_rule
 
 BACKENDS = ("torch", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+# Where the Triton backend runs: compiled kernels (no interpreter) only take CUDA tensors.
+KDEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+
+def to_kernel_device(t: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+    """``t`` (detached) on the device ``backend`` runs on, with the same values *and strides*: a strided
+    view (``x[:, :-1]``, ``y[::2]``) stays a view of a copy of its whole storage span. Identity on the CPU."""
+    dev = KDEV if backend == "triton" else "cpu"
+    if t.device.type == dev:
+        return t.detach()
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    flat = t.detach().as_strided((span,), (1,), t.storage_offset()).to(dev)
+    return flat.as_strided(t.shape, t.stride())
+
+
+def kernel_leaf(t: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+    """A fresh leaf (requires grad) holding ``t``'s values on the device ``backend`` runs on."""
+    return to_kernel_device(t, backend).clone().requires_grad_()
 
 
 def plain_logprobs_entropy(x, y, temperature=1.0, ignore_index=-100, dtype=None):
@@ -30,10 +54,12 @@ def plain_logprobs_entropy(x, y, temperature=1.0, ignore_index=-100, dtype=None)
 def check_case(backend, base, y, view=lambda t: t, temperature=1.0, ignore_index=-100, entropy=True, atol=2e-5):
     """Forward and gradients of ``logprobs_and_entropy(view(base), y)`` against fp64, by the tolerance rule."""
     dtype = base.dtype
-    ours_base = base.detach().clone().requires_grad_()
+    ours_base = kernel_leaf(base, backend)  # the view is taken on the device copy: still strided there
     with fastppo.use_backend(backend):
-        lp, ent = fastppo.logprobs_and_entropy(view(ours_base), y, temperature=temperature, ignore_index=ignore_index, entropy=entropy)
-    assert lp.dtype == torch.float32 and lp.shape == y.shape
+        lp, ent = fastppo.logprobs_and_entropy(
+            view(ours_base), to_kernel_device(y, backend), temperature=temperature, ignore_index=ignore_index, entropy=entropy
+        )
+    assert lp.dtype == torch.float32 and lp.shape == y.shape and lp.device == ours_base.device
     assert (ent is None) == (not entropy)
 
     results = {}
@@ -43,8 +69,9 @@ def check_case(backend, base, y, view=lambda t: t, temperature=1.0, ignore_index
     g_lp = torch.randn(y.shape, dtype=torch.float64)
     g_ent = torch.randn(y.shape, dtype=torch.float64)
 
-    loss = (lp * g_lp.float()).sum() + ((ent * g_ent.float()).sum() if entropy else 0)
+    loss = (lp * g_lp.float().to(lp.device)).sum() + ((ent * g_ent.float().to(lp.device)).sum() if entropy else 0)
     loss.backward()
+    lp, ent, grad = lp.detach().cpu(), (ent.detach().cpu() if entropy else None), ours_base.grad.cpu()
     for name, (b, lp_r, ent_r) in results.items():
         loss_r = (lp_r * g_lp.to(lp_r.dtype)).sum() + ((ent_r * g_ent.to(ent_r.dtype)).sum() if entropy else 0)
         loss_r.backward()
@@ -55,12 +82,12 @@ def check_case(backend, base, y, view=lambda t: t, temperature=1.0, ignore_index
     if entropy:
         assert_within_rule(ent, ent_same, ent64, atol=atol * max(1.0, ent64.abs().max().item()), name="entropy")
     grad64 = results["ref"][0].grad
-    assert ours_base.grad.dtype == dtype
+    assert grad.dtype == dtype
     # float32: the fp32 logsumexp carries ~|lse| * eps absolute error into every p, a few tens of ulps of
     # the largest gradient; half types: the final rounding to the logits' dtype dominates.
     g_atol = (32 if dtype == torch.float32 else 4) * EPS[dtype] * grad64.abs().max().item() + 1e-12
-    assert_within_rule(ours_base.grad, results["same"][0].grad, grad64, atol=g_atol, name="grad logits")
-    return lp, ent, ours_base.grad
+    assert_within_rule(grad, results["same"][0].grad, grad64, atol=g_atol, name="grad logits")
+    return lp, ent, grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,8 +145,8 @@ def test_entropy_false(backend, V):
 def test_entropy_flag_selects_kernel_variant():
     from fastppo.kernels import logprobs as K
 
-    x = torch.randn(4, 70, requires_grad=True)
-    y = torch.randint(0, 70, (4,))
+    x = kernel_leaf(torch.randn(4, 70))
+    y = to_kernel_device(torch.randint(0, 70, (4,)))
     with fastppo.use_backend("triton"):
         for flag in (False, True):
             lp, ent = fastppo.logprobs_and_entropy(x, y, entropy=flag)
@@ -160,19 +187,19 @@ def test_ignore_index(backend, dtype):
 def test_gradient_from_one_output_only(backend):
     base = torch.randn(4, 6, 77)
     y = torch.randint(0, 77, (4, 6))
-    x = base.clone().requires_grad_()
+    x = kernel_leaf(base, backend)
     x64 = base.double().requires_grad_()
     with fastppo.use_backend(backend):
-        lp, ent = fastppo.logprobs_and_entropy(x, y, temperature=1.5)
+        lp, ent = fastppo.logprobs_and_entropy(x, to_kernel_device(y, backend), temperature=1.5)
     ent.sum().backward()  # logprobs unused: its gradient is None inside the backward
     plain_logprobs_entropy(x64, y, 1.5, dtype=torch.float64)[1].sum().backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_gives_zeros(backend):
-    x = (torch.randn(3, 40) * 100).requires_grad_()
-    y = torch.full((3,), -100)
+    x = kernel_leaf(torch.randn(3, 40) * 100, backend)
+    y = to_kernel_device(torch.full((3,), -100), backend)
     with fastppo.use_backend(backend):
         lp, ent = fastppo.logprobs_and_entropy(x, y, temperature=0.5)
     (lp.sum() + ent.sum()).backward()
@@ -183,18 +210,18 @@ def test_all_ignored_gives_zeros(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary_entries(backend):
     # -inf logits (banned tokens): finite outputs, zero gradient on those entries.
-    x = torch.randn(3, 20)
-    x[:, 5:9] = float("-inf")
-    x.requires_grad_()
-    y = torch.tensor([0, 10, 19])
+    x_cpu = torch.randn(3, 20)
+    x_cpu[:, 5:9] = float("-inf")
+    y_cpu = torch.tensor([0, 10, 19])
+    x, y = kernel_leaf(x_cpu, backend), to_kernel_device(y_cpu, backend)
     with fastppo.use_backend(backend):
         lp, ent = fastppo.logprobs_and_entropy(x, y)
     (lp.sum() + ent.sum()).backward()
-    lp64, _ = plain_logprobs_entropy(x.detach(), y, dtype=torch.float64)
-    lsm = torch.log_softmax(x.detach().double(), -1)
+    lp64, _ = plain_logprobs_entropy(x_cpu, y_cpu, dtype=torch.float64)
+    lsm = torch.log_softmax(x_cpu.double(), -1)
     ent64 = -torch.where(torch.isinf(lsm), 0.0, lsm.exp() * lsm).sum(-1)
-    torch.testing.assert_close(lp.double(), lp64, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ent.double(), ent64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp.cpu().double(), lp64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), ent64, rtol=0, atol=1e-5)
     assert torch.isfinite(x.grad).all() and (x.grad[:, 5:9] == 0).all()
     with fastppo.use_backend(backend):
         lp_only, none = fastppo.logprobs_and_entropy(x, y, entropy=False)
@@ -210,6 +237,7 @@ def test_inplace_backward(backend, dtype):
     w = torch.randn(90, 16).to(dtype)
     y = torch.randint(0, 90, (2, 5))
     y[0, 2] = -100
+    h, w, y = (to_kernel_device(t, backend) for t in (h, w, y))  # logits, hence their grad, on that device
     grads = {}
     for inplace in (False, True):
         w_ = w.clone().requires_grad_()
@@ -228,8 +256,8 @@ def test_inplace_backward(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_writes_into_logits(backend):
-    logits = (torch.randn(5, 33) * 2).requires_grad_()
-    y = torch.randint(0, 33, (5,))
+    logits = kernel_leaf(torch.randn(5, 33) * 2, backend)
+    y = to_kernel_device(torch.randint(0, 33, (5,)), backend)
     x = logits * 1.0  # a non-leaf whose buffer the backward may take over
     ref = logits.detach().clone().requires_grad_()
     with fastppo.use_backend(backend):
@@ -251,10 +279,9 @@ def test_inplace_backward_writes_into_logits(backend):
 
 def test_expanded_logits_inplace_falls_back():
     # Rows that share memory (expand): writing in place would be wrong; a fresh buffer is used instead.
-    row = torch.randn(1, 40, requires_grad=True)
-    y = torch.tensor([1, 2, 3])
+    row_cpu, y_cpu = torch.randn(1, 40), torch.tensor([1, 2, 3])
     for backend in BACKENDS:
-        row.grad = None
+        row, y = kernel_leaf(row_cpu, backend), to_kernel_device(y_cpu, backend)
         with fastppo.use_backend(backend):
             lp, ent = fastppo.logprobs_and_entropy(row.expand(3, 40) * 1.0, y, inplace_backward=True)
             lp.sum().backward()
@@ -273,8 +300,10 @@ def test_triton_batch_invariance(V, dtype):
     x = (torch.randn(19, V) * 3).to(dtype)
     y = torch.randint(0, V, (19,))
     g_lp, g_ent = torch.randn(19), torch.randn(19)
+    x, y, g_lp, g_ent = (to_kernel_device(t) for t in (x, y, g_lp, g_ent))
 
     def run(idx):
+        idx = idx.to(x.device)
         xi = x[idx].clone().requires_grad_()
         with fastppo.use_backend("triton"):
             lp, ent = fastppo.logprobs_and_entropy(xi, y[idx], temperature=0.9)
@@ -310,11 +339,11 @@ def test_float64_stays_float64():
     x = torch.randn(3, 11, dtype=torch.float64)
     y = torch.randint(0, 11, (3,))
     with fastppo.use_backend("triton"):
-        lp, ent = fastppo.logprobs_and_entropy(x, y)
+        lp, ent = fastppo.logprobs_and_entropy(to_kernel_device(x), to_kernel_device(y))
     assert lp.dtype == ent.dtype == torch.float64
     lp64, ent64 = plain_logprobs_entropy(x, y, dtype=torch.float64)
-    torch.testing.assert_close(lp, lp64, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ent, ent64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lp.cpu(), lp64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent.cpu(), ent64, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_inputs():

@@ -10,7 +10,7 @@ import torch
 
 import fastppo
 import fastppo.reference.logprobs as R
-from tests.test_logprobs import plain_logprobs_entropy
+from tests.test_logprobs import plain_logprobs_entropy, to_kernel_device
 
 
 @pytest.fixture
@@ -162,14 +162,16 @@ def test_linear_dispatches_to_triton_interface(monkeypatch):
 
     def fake(hidden2d, weight, labels1d, bias, *, temperature, ignore_index, entropy):
         calls.update(hidden=hidden2d.shape, labels=(labels1d.shape, labels1d.dtype), bias=bias, t=temperature, ig=ignore_index, ent=entropy)
-        n = hidden2d.shape[0]
-        return torch.zeros(n), (torch.ones(n) if entropy else None)
+        n, dev = hidden2d.shape[0], hidden2d.device
+        return torch.zeros(n, device=dev), (torch.ones(n, device=dev) if entropy else None)
 
     mod = types.ModuleType("fastppo.kernels.linear_logprobs")
     mod.linear_logprobs_and_entropy_triton = fake
     monkeypatch.setitem(sys.modules, "fastppo.kernels.linear_logprobs", mod)
     h, w = torch.randn(2, 3, 4)[:, 1:], torch.randn(9, 4)
     y = torch.randint(0, 9, (2, 2), dtype=torch.int32)
+    # Compiled (GPU) mode: the Triton backend refuses CPU tensors, so the inputs go where it runs.
+    h, w, y = (to_kernel_device(t) for t in (h, w, y))
     with fastppo.use_backend("triton"):
         lp, ent = fastppo.linear_logprobs_and_entropy(h, w, y, temperature=0.5, ignore_index=-1)
     assert calls == dict(hidden=(4, 4), labels=((4,), torch.int64), bias=None, t=0.5, ig=-1, ent=True)
