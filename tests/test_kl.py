@@ -1,6 +1,9 @@
 """fastppo.kl_penalty: reference and Triton kernels against a plain float64 loop.
 
-The Triton cases run under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1).
+The Triton cases run under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1), or on
+the GPU with compiled kernels under ``FASTPPO_TEST_CUDA=1``: then their inputs (and the upstream
+gradient) are CUDA copies (same values, same layouts, see ``tests._tol.kernel_device``) and the results
+come back to the CPU, where the float64 loop and the torch backend run.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import KL_KINDS
-from tests._tol import assert_within_rule, relayout
+from tests._tol import assert_within_rule, relayout, to_cpu, to_kernel_device
 
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,7 +58,11 @@ def make_inputs(shape, *, seed=0, spread=1.0):
 
 
 def run(backend, lp, ref, kind, mask=None, weights=None, need=(True, True)):
-    """Forward, then grads of (k * weights).sum() (or k.sum(): a stride-0 grad_output) w.r.t. both inputs."""
+    """Forward, then grads of (k * weights).sum() (or k.sum(): a stride-0 grad_output) w.r.t. both inputs.
+
+    The CPU tensors move to the backend's test device (CUDA for compiled Triton kernels); the KL and
+    the gradients come back on the CPU."""
+    lp, ref, mask, weights = to_kernel_device(lp, ref, mask, weights, backend=backend)
     lp = lp.detach().requires_grad_(need[0])
     ref = ref.detach().requires_grad_(need[1])
     with fastppo.use_backend(backend):
@@ -63,7 +70,7 @@ def run(backend, lp, ref, kind, mask=None, weights=None, need=(True, True)):
     obj = k.sum() if weights is None else (k * weights).sum()
     inputs = [x for x, n in zip((lp, ref), need) if n]
     grads = list(torch.autograd.grad(obj, inputs))
-    return k, (grads.pop(0) if need[0] else None), (grads.pop(0) if need[1] else None)
+    return to_cpu((k, (grads.pop(0) if need[0] else None), (grads.pop(0) if need[1] else None)))
 
 
 @pytest.mark.parametrize("kind", KL_KINDS)
@@ -107,13 +114,16 @@ CASES = {
 def test_triton_matches_loop(case, kind, dtype):
     shape, layout, mask_kind, gout = CASES[case]
     lp, ref, mask, w = make_inputs(shape)
-    lp, ref = (relayout(x.to(dtype), layout) for x in (lp, ref))
-    mask = None if mask_kind is None else relayout(mask.long() if mask_kind == "int" else mask, layout)
+    inputs = (lp.to(dtype), ref.to(dtype), None if mask_kind is None else mask.long() if mask_kind == "int" else mask)
+    lp, ref, mask = (None if x is None else relayout(x, layout) for x in inputs)
+    k_lp_in, k_ref_in, k_mask = (None if x is None else relayout(x, layout) for x in to_kernel_device(*inputs))
+    assert (k_lp_in.stride(), k_ref_in.stride()) == (lp.stride(), ref.stride())  # the layout made on the kernel's device
+    assert mask is None or k_mask.stride() == mask.stride()
     w = w if gout == "weights" else None
     want, want_g = loop_kl(lp, ref, kind, mask)
     want_g = want_g if w is None else want_g * w.double()
     t_k, t_lp, t_ref = run("torch", lp, ref, kind, mask, w)
-    k_k, k_lp, k_ref = run("triton", lp, ref, kind, mask, w)
+    k_k, k_lp, k_ref = run("triton", k_lp_in, k_ref_in, kind, k_mask, w)
 
     assert k_k.dtype == torch.float32 and k_k.shape == lp.shape
     assert k_lp.dtype == dtype and k_ref.dtype == dtype
@@ -177,13 +187,14 @@ def test_mixed_dtypes_and_no_grad(backend):
         torch.testing.assert_close(k.double(), want, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(g_ref.double(), -w.double() * want_g, atol=1e-3, rtol=1e-2)
     with fastppo.use_backend(backend):
-        k = fastppo.kl_penalty(lp, ref, kind="k3")
+        k = fastppo.kl_penalty(*to_kernel_device(lp, ref, backend=backend), kind="k3")
     assert not k.requires_grad and torch.isfinite(k).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_zero_dim(backend):
-    lp, ref = torch.tensor(-1.0, requires_grad=True), torch.tensor(-1.5)
+    lp, ref = to_kernel_device(torch.tensor(-1.0), torch.tensor(-1.5), backend=backend)
+    lp.requires_grad_()
     with fastppo.use_backend(backend):
         k = fastppo.kl_penalty(lp, ref, kind="k2")
     k.backward()
@@ -201,7 +212,7 @@ def test_property_estimators(shape, seed, spread, backend):
     """abs = |k1|, k2 = k1^2 / 2, 0 <= k3 <= 10, and the k3 gradient is finite."""
     lp, ref, _, _ = make_inputs(shape, seed=seed, spread=spread)
     with fastppo.use_backend(backend):
-        k1, ab, k2, k3 = (fastppo.kl_penalty(lp, ref, kind=kind) for kind in KL_KINDS)
+        k1, ab, k2, k3 = (fastppo.kl_penalty(*to_kernel_device(lp, ref, backend=backend), kind=kind) for kind in KL_KINDS)
     torch.testing.assert_close(ab, k1.abs())
     torch.testing.assert_close(k2, 0.5 * k1 * k1)
     assert (k3 >= 0).all() and (k3 <= 10).all()
@@ -229,16 +240,30 @@ def test_bad_input(change, exc, match, backend):
     kwargs = {}
     for k, v in change.items():
         (args if k in args else kwargs)[k] = v
+    # On the kernel's device, so that the change is the only defect (meta tensors and non-tensors stay).
+    args = dict(zip(args, to_kernel_device(*args.values(), backend=backend)))
+    kwargs = dict(zip(kwargs, to_kernel_device(*kwargs.values(), backend=backend)))
     with fastppo.use_backend(backend), pytest.raises(exc, match=match):
         fastppo.kl_penalty(args["logprobs"], args["ref_logprobs"], **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_mixed_cpu_cuda_inputs(backend):
+    """A CPU mask with CUDA inputs is a ValueError naming the mask, on every backend."""
+    lp, ref, mask, _ = make_inputs((2, 4))
+    with fastppo.use_backend(backend), pytest.raises(ValueError, match="mask is on cpu but logprobs is on cuda"):
+        fastppo.kl_penalty(lp.cuda(), ref.cuda(), kind="k3", mask=mask)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_k3_never_negative_near_zero(backend):
     """exp(-d) + d - 1 rounds below 0 for |d| near float32 epsilon (found by hypothesis); k3 must not."""
     d = torch.tensor([1e-6, -1e-6, 3e-7, -3e-7, 1e-8, 0.0, 2.0**-20, -(2.0**-20)])
-    lp = (torch.randn(d.shape) * 3).requires_grad_()
-    ref = (lp.detach() - d).requires_grad_()
+    lp = torch.randn(d.shape) * 3
+    lp, ref = to_kernel_device(lp, lp - d, backend=backend)
+    lp.requires_grad_()
+    ref.requires_grad_()
     with fastppo.use_backend(backend):
         k3 = fastppo.kl_penalty(lp, ref, kind="k3")
     assert (k3 >= 0).all(), k3

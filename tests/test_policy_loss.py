@@ -1,6 +1,9 @@
 """fastppo.policy_loss: reference and Triton kernel against a plain float64 loop.
 
-The Triton cases run under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1).
+The Triton cases run under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1), or on
+the GPU with compiled kernels under ``FASTPPO_TEST_CUDA=1``: then their inputs are CUDA copies (same
+values, same layouts, see ``tests._tol.kernel_device``) and the results come back to the CPU, where the
+float64 loop and the torch backend run.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import AGGS
-from tests._tol import assert_within_rule, relayout, scalar
+from tests._tol import assert_within_rule, relayout, scalar, to_cpu, to_kernel_device
 
 STATS = ("clip_frac", "clip_frac_lower", "approx_kl", "ratio_max", "ratio_min")
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -94,11 +97,14 @@ def make_inputs(shape, *, seed=0, mask_kind="holes", spread=0.6):
 
 
 def run(backend, lp, old, adv, mask, **opts):
+    """fastppo.policy_loss on ``backend`` and d loss / d lp. The CPU inputs move to the backend's test
+    device (CUDA for compiled Triton kernels); loss, gradient and stats come back on the CPU."""
+    lp, old, adv, mask = to_kernel_device(lp, old, adv, mask, backend=backend)
     lp = lp.detach().requires_grad_()
     with fastppo.use_backend(backend):
         loss, stats = fastppo.policy_loss(lp, old, adv, mask, **opts)
     (grad,) = torch.autograd.grad(loss, lp)
-    return loss, grad, stats
+    return to_cpu((loss, grad, stats))
 
 
 # ----------------------------------------------------------------------------- reference vs loop
@@ -146,11 +152,13 @@ CASES = {
 def test_triton_matches_loop(case, dtype):
     shape, layout, mask_kind, int_mask, opts = CASES[case]
     lp, old, adv, mask = make_inputs(shape, mask_kind=mask_kind)
-    lp, old, adv = (relayout(x.to(dtype), layout) for x in (lp, old, adv))
-    mask = relayout(mask.long() if int_mask else mask, layout)
+    inputs = (lp.to(dtype), old.to(dtype), adv.to(dtype), mask.long() if int_mask else mask)
+    lp, old, adv, mask = (relayout(x, layout) for x in inputs)
+    k_inputs = [relayout(x, layout) for x in to_kernel_device(*inputs)]  # the layout made on the kernel's device
+    assert [x.stride() for x in k_inputs] == [x.stride() for x in (lp, old, adv, mask)]
     want, want_grad, want_stats, scale = loop_policy(lp, old, adv, mask, **opts)  # truth on the rounded inputs
     t_loss, t_grad, t_stats = run("torch", lp, old, adv, mask, **opts)
-    k_loss, k_grad, k_stats = run("triton", lp, old, adv, mask, **opts)
+    k_loss, k_grad, k_stats = run("triton", *k_inputs, **opts)
 
     assert k_loss.dtype == torch.float32 and k_grad.dtype == dtype and k_grad.shape == lp.shape
     assert_within_rule(scalar(k_loss), scalar(t_loss), scalar(want), atol=1e-6 * (1 + scale), name="loss")
@@ -203,6 +211,7 @@ def test_log_ratio_clamp(backend, sign):
 def test_all_masked_batch(backend, agg):
     lp, old, adv, mask = make_inputs((2, 6), mask_kind="none")
     lp[0, 0], old[1, 2], adv[0, 3] = math.nan, math.inf, -math.inf
+    lp, old, adv, mask = to_kernel_device(lp, old, adv, mask, backend=backend)
     lp = lp.requires_grad_()
     with fastppo.use_backend(backend):
         loss, stats = fastppo.policy_loss(lp, old, adv, mask, agg=agg)
@@ -231,7 +240,7 @@ def test_no_grad_inputs(backend):
     """logprobs without requires_grad: the kernel skips the gradient store; same loss and stats."""
     lp, old, adv, mask = make_inputs((2, 13))
     with fastppo.use_backend(backend):
-        loss, stats = fastppo.policy_loss(lp, old, adv, mask)
+        loss, stats = fastppo.policy_loss(*to_kernel_device(lp, old, adv, mask, backend=backend))
     want, _, want_stats, _ = loop_policy(lp, old, adv, mask)
     assert not loss.requires_grad
     assert loss.item() == pytest.approx(want, abs=1e-6)
@@ -242,10 +251,11 @@ def test_no_grad_inputs(backend):
 def test_grad_output_scales(backend):
     lp, old, adv, mask = make_inputs((2, 9))
     _, g1, _ = run(backend, lp, old, adv, mask)
-    x = lp.detach().requires_grad_()
+    x, old, adv, mask = to_kernel_device(lp.detach(), old, adv, mask, backend=backend)
+    x.requires_grad_()
     with fastppo.use_backend(backend):
         (3.0 * fastppo.policy_loss(x, old, adv, mask)[0]).backward()
-    torch.testing.assert_close(x.grad, 3.0 * g1)
+    torch.testing.assert_close(x.grad.cpu(), 3.0 * g1)
 
 
 # ----------------------------------------------------------------------------- normalizer / accumulation
@@ -259,8 +269,9 @@ def test_gradient_accumulation_equals_full_batch(backend, agg):
     """
     lp, old, adv, mask = make_inputs((6, 13), mask_kind="row")
     full_loss, full_grad, _ = run(backend, lp, old, adv, mask, agg=agg)
-    norm = mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
-    x = lp.detach().requires_grad_()
+    x, old, adv, mask = to_kernel_device(lp.detach(), old, adv, mask, backend=backend)
+    norm = mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()  # a 0-dim tensor on the inputs' device
+    x.requires_grad_()
     total = 0.0
     with fastppo.use_backend(backend):
         for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
@@ -268,7 +279,7 @@ def test_gradient_accumulation_equals_full_batch(backend, agg):
             loss.backward()
             total += loss.item()
     assert total == pytest.approx(full_loss.item(), abs=1e-6)
-    torch.testing.assert_close(x.grad, full_grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), full_grad, atol=1e-7, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- properties
@@ -358,8 +369,20 @@ def test_bad_input(change, exc, match, backend):
     kwargs = {k: args.pop(k) for k in list(args) if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
     for k, v in change.items():
         (args if k in args else kwargs)[k] = v
+    # On the kernel's device, so that the change is the only defect (meta tensors and non-tensors stay).
+    args = dict(zip(args, to_kernel_device(*args.values(), backend=backend)))
+    kwargs = dict(zip(kwargs, to_kernel_device(*kwargs.values(), backend=backend)))
     with fastppo.use_backend(backend), pytest.raises(exc, match=match):
         fastppo.policy_loss(args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"], **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_mixed_cpu_cuda_inputs(backend):
+    """A CPU mask with CUDA inputs is a ValueError naming the mask, on every backend."""
+    lp, old, adv, mask = make_inputs((2, 4))
+    with fastppo.use_backend(backend), pytest.raises(ValueError, match="mask is on cpu but logprobs is on cuda"):
+        fastppo.policy_loss(lp.cuda(), old.cuda(), adv.cuda(), mask)
 
 
 def test_options_are_keyword_only():
@@ -370,7 +393,7 @@ def test_options_are_keyword_only():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_constants_get_no_gradient(backend):
-    lp, old, adv, mask = make_inputs((2, 7))
+    lp, old, adv, mask = to_kernel_device(*make_inputs((2, 7)), backend=backend)
     lp, old, adv = (x.requires_grad_() for x in (lp, old, adv))
     with fastppo.use_backend(backend):
         fastppo.policy_loss(lp, old, adv, mask, dual_clip=2.0)[0].backward()
@@ -380,9 +403,10 @@ def test_constants_get_no_gradient(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
 def test_empty_input(backend, shape):
-    lp = torch.zeros(shape, requires_grad=True)
+    lp, old, adv, mask = to_kernel_device(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), torch.ones(shape, dtype=torch.bool), backend=backend)
+    lp.requires_grad_()
     with fastppo.use_backend(backend):
-        loss, stats = fastppo.policy_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.ones(shape, dtype=torch.bool))
+        loss, stats = fastppo.policy_loss(lp, old, adv, mask)
     loss.backward()
     assert loss.item() == 0.0 and lp.grad.shape == shape
     assert stats["clip_frac"].item() == 0.0 and stats["ratio_max"].item() == 1.0

@@ -1,6 +1,9 @@
 """fastppo.value_loss: reference and Triton kernel against a plain float64 loop.
 
-The Triton cases run under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1).
+The Triton cases run under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1), or on
+the GPU with compiled kernels under ``FASTPPO_TEST_CUDA=1``: then their inputs are CUDA copies (same
+values, same layouts, see ``tests._tol.kernel_device``) and the results come back to the CPU, where the
+float64 loop and the torch backend run.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import AGGS
-from tests._tol import assert_within_rule, relayout, scalar
+from tests._tol import assert_within_rule, relayout, scalar, to_cpu, to_kernel_device
 
 STATS = ("clip_frac", "vpred_mean", "error_mean")
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -77,11 +80,14 @@ def make_inputs(shape, *, seed=0, mask_kind="holes"):
 
 
 def run(backend, v, old, ret, mask, **opts):
+    """fastppo.value_loss on ``backend`` and d loss / d v. The CPU inputs move to the backend's test
+    device (CUDA for compiled Triton kernels); loss, gradient and stats come back on the CPU."""
+    v, old, ret, mask = to_kernel_device(v, old, ret, mask, backend=backend)
     v = v.detach().requires_grad_()
     with fastppo.use_backend(backend):
         loss, stats = fastppo.value_loss(v, old, ret, mask, **opts)
     (grad,) = torch.autograd.grad(loss, v)
-    return loss, grad, stats
+    return to_cpu((loss, grad, stats))
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -126,11 +132,13 @@ CASES = {
 def test_triton_matches_loop(case, dtype):
     shape, layout, mask_kind, int_mask, opts = CASES[case]
     v, old, ret, mask = make_inputs(shape, mask_kind=mask_kind)
-    v, old, ret = (relayout(x.to(dtype), layout) for x in (v, old, ret))
-    mask = relayout(mask.long() if int_mask else mask, layout)
+    inputs = (v.to(dtype), old.to(dtype), ret.to(dtype), mask.long() if int_mask else mask)
+    v, old, ret, mask = (relayout(x, layout) for x in inputs)
+    k_inputs = [relayout(x, layout) for x in to_kernel_device(*inputs)]  # the layout made on the kernel's device
+    assert [x.stride() for x in k_inputs] == [x.stride() for x in (v, old, ret, mask)]
     want, want_grad, want_stats, scale = loop_value(v, old, ret, mask, **opts)
     t_loss, t_grad, t_stats = run("torch", v, old, ret, mask, **opts)
-    k_loss, k_grad, k_stats = run("triton", v, old, ret, mask, **opts)
+    k_loss, k_grad, k_stats = run("triton", *k_inputs, **opts)
 
     assert k_loss.dtype == torch.float32 and k_grad.dtype == dtype and k_grad.shape == v.shape
     assert_within_rule(scalar(k_loss), scalar(t_loss), scalar(want), atol=1e-6 * (1 + scale), name="loss")
@@ -160,6 +168,7 @@ def test_mixed_input_dtypes(backend):
 def test_all_masked_batch(backend, agg):
     v, old, ret, mask = make_inputs((2, 6), mask_kind="none")
     v[0, 0], old[1, 2], ret[0, 3] = math.nan, math.inf, -math.inf
+    v, old, ret, mask = to_kernel_device(v, old, ret, mask, backend=backend)
     v = v.requires_grad_()
     with fastppo.use_backend(backend):
         loss, stats = fastppo.value_loss(v, old, ret, mask, clip=0.2, agg=agg)
@@ -198,7 +207,8 @@ def test_gradient_accumulation_equals_full_batch(backend, agg):
     v, old, ret, mask = make_inputs((6, 13), mask_kind="row")
     full_loss, full_grad, _ = run(backend, v, old, ret, mask, agg=agg, clip=0.2)
     norm = int(mask.sum()) if agg == "token-mean" else int((mask.sum(-1) > 0).sum())
-    x = v.detach().requires_grad_()
+    x, old, ret, mask = to_kernel_device(v.detach(), old, ret, mask, backend=backend)
+    x.requires_grad_()
     total = 0.0
     with fastppo.use_backend(backend):
         for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
@@ -206,7 +216,7 @@ def test_gradient_accumulation_equals_full_batch(backend, agg):
             loss.backward()
             total += loss.item()
     assert total == pytest.approx(full_loss.item(), abs=1e-6)
-    torch.testing.assert_close(x.grad, full_grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), full_grad, atol=1e-7, rtol=1e-5)
 
 
 @settings(max_examples=15, deadline=None)
@@ -260,5 +270,17 @@ def test_bad_input(change, exc, match, backend):
     kwargs = {}
     for k, val in change.items():
         (args if k in args else kwargs)[k] = val
+    # On the kernel's device, so that the change is the only defect (meta tensors and non-tensors stay).
+    args = dict(zip(args, to_kernel_device(*args.values(), backend=backend)))
+    kwargs = dict(zip(kwargs, to_kernel_device(*kwargs.values(), backend=backend)))
     with fastppo.use_backend(backend), pytest.raises(exc, match=match):
         fastppo.value_loss(args["values"], args["old_values"], args["returns"], args["mask"], **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_mixed_cpu_cuda_inputs(backend):
+    """CPU returns with CUDA values are a ValueError naming the returns, on every backend."""
+    v, old, ret, mask = make_inputs((2, 4))
+    with fastppo.use_backend(backend), pytest.raises(ValueError, match="returns is on cpu but values is on cuda"):
+        fastppo.value_loss(v.cuda(), old.cuda(), ret, mask.cuda())
