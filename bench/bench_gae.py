@@ -110,14 +110,6 @@ def _sync(device):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["verl loop", "OpenRLHF loop", "fastppo torch", "fastppo triton"])
 def test_bench_gae(benchmark, one_thread, device, name):

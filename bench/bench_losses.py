@@ -213,14 +213,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NAMES = ["verl", "OpenRLHF", "fastppo torch", "torch.compile(ref)", "fastppo triton"]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("op", ["policy", "value", "kl"])
