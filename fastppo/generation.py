@@ -23,19 +23,30 @@ graphs were already captured.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from fastppo._checks import check_int, check_mask
-from fastppo.attention import ATTN_NAME, AttentionPlan, KVCache, attn_implementation, flash_attn_available, pack_padded
+from fastppo._generation_checks import (
+    MAX_EOS,
+    check_count,
+    check_eos,
+    check_prompts,
+    check_sampling,
+    check_token,
+    eval_mode,
+    inspect_model,
+)
+from fastppo.attention import (
+    ATTN_NAME,
+    AttentionPlan,
+    KVCache,
+    attn_implementation,
+    flash_attn_available,
+    pack_padded,
+)
 from fastppo.sampling import sample_tokens
-
-MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (padded with -1) so that a graph serves any set
 
 
 @dataclass
@@ -74,64 +85,6 @@ class GenerationOutput:
         return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-@dataclass
-class _ModelInfo:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    device: torch.device
-    dtype: torch.dtype
-
-
-def _inspect_model(model) -> _ModelInfo:
-    """Static checks for 'unsupported model'; :meth:`Generator._probe` then runs one token through it."""
-    config = getattr(model, "config", None)
-    if not isinstance(model, torch.nn.Module) or config is None:
-        raise TypeError(
-            f"model must be a Hugging Face causal LM (a PreTrainedModel with a config), got {type(model).__name__}"
-        )
-    name = type(model).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"unsupported model {name}: encoder-decoder models are not supported, only decoder-only causal LMs")
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        raise ValueError(
-            f"unsupported model {name}: its forward has no `logits_to_keep` argument (not a transformers>=4.50 causal LM?)"
-        )
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(f"unsupported model {name}: it does not route attention through transformers' AttentionInterface")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other or (getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None) and not layer_types):
-        found = other or ["sliding_attention"]
-        raise ValueError(f"unsupported model {name}: only full-attention layers are supported, found {found}")
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    param = next(model.parameters())
-    dtype = getattr(model, "dtype", param.dtype)
-    return _ModelInfo(text.num_hidden_layers, kv_heads, head_dim, text.vocab_size, param.device, dtype)
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _int(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _more_recompiles():
     """With ``compile=True`` every (bucket, key length, mode) is one more specialisation of the step;
     raise dynamo's per-function limit (8) for the warm-up that compiles it, instead of falling back to eager."""
@@ -139,64 +92,6 @@ def _more_recompiles():
     names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
     names = [n for n in names if hasattr(cfg, n)]
     return cfg.patch(**{n: max(getattr(cfg, n), 1024) for n in names})
-
-
-def _check_token(name, value, vocab: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= value < vocab:
-        raise ValueError(f"{name} must lie in [0, {vocab}), got {value}")
-    return value
-
-
-def _check_eos(eos_token_id, vocab: int) -> list[int]:
-    if eos_token_id is None:
-        return []
-    single = isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
-    eos = [eos_token_id] if single else list(eos_token_id)
-    if len(eos) > MAX_EOS:
-        raise ValueError(f"eos_token_id: at most {MAX_EOS} ids are supported, got {len(eos)}")
-    return [_check_token("eos_token_id", e, vocab) for e in eos]
-
-
-def _check_sampling(do_sample, temperature, top_k, top_p, generator) -> None:
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    if not number(temperature) or not temperature > 0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    _int("top_k", top_k, 0)
-    if not number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-
-
-def _check_prompts(input_ids, attention_mask, vocab: int, device):
-    """Returns ``(ids int64, mask bool, lengths)``; a few one-boolean syncs, once per call."""
-    check_int("input_ids", input_ids)
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [batch, prompt_length] with both > 0, got {tuple(input_ids.shape)}")
-    mask = check_mask("attention_mask", attention_mask, input_ids.shape)
-    for name, t in (("input_ids", input_ids), ("attention_mask", mask)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the model is on {device}")
-    ids = input_ids.long()
-    bad = (ids < 0) | (ids >= vocab)
-    if bool(bad.any()):
-        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary size), found {int(ids[bad][0])}")
-    m = mask.long()
-    lengths = m.sum(-1)
-    if bool((lengths == 0).any()):
-        row = int((lengths == 0).nonzero()[0])
-        raise ValueError(f"attention_mask: row {row} has no real token (every prompt needs one)")
-    right = (m[:, 1:] < m[:, :-1]).any(-1)
-    if bool(right.any()):
-        raise ValueError(
-            f"attention_mask must be left-padded (zeros, then ones), row {int(right.nonzero()[0])} is not; "
-            "use tokenizer.padding_side = 'left'"
-        )
-    return ids, mask, lengths
 
 
 def _buckets(max_batch_size: int) -> list[int]:
@@ -226,10 +121,10 @@ class Generator:
 
     def __init__(self, model, *, max_batch_size: int, max_length: int, cuda_graphs="auto", attention: str = "auto",
                  prefill: str = "auto", check_every: int = 16, kv_block: int | None = None, compile: bool = False):
-        info = _inspect_model(model)
-        _int("max_batch_size", max_batch_size, 1)
-        _int("max_length", max_length, 2)
-        _int("check_every", check_every, 1)
+        info = inspect_model(model)
+        check_count("max_batch_size", max_batch_size, 1)
+        check_count("max_length", max_length, 2)
+        check_count("check_every", check_every, 1)
         on_cuda = info.device.type == "cuda"
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
@@ -251,7 +146,7 @@ class Generator:
         self.prefill = ("packed" if self.attention == "flash" else "padded") if prefill == "auto" else prefill
         self.check_every = check_every
         # why 256: a step reads at most 255 dead cache slots per row, and a few key lengths -> few graphs
-        self.kv_block = _int("kv_block", kv_block, 1) if kv_block is not None else (256 if on_cuda else 32)
+        self.kv_block = check_count("kv_block", kv_block, 1) if kv_block is not None else (256 if on_cuda else 32)
         self.buckets = _buckets(max_batch_size)
         self.cache = KVCache.allocate(
             info.layers, max_batch_size, max_length, info.kv_heads, info.head_dim, info.dtype, info.device
@@ -299,7 +194,7 @@ class Generator:
         plan.on_call = calls.append
         name = type(self.model).__name__
         try:
-            with torch.no_grad(), attn_implementation(self.model), _eval_mode(self.model):
+            with torch.no_grad(), attn_implementation(self.model), eval_mode(self.model):
                 self._forward(plan, input_ids=ids, position_ids=zero[None], logits_to_keep=1)
         except (RuntimeError, TypeError) as e:
             if "fastppo_plan" in str(e):
@@ -328,18 +223,18 @@ class Generator:
         gives the same tokens on a given device); without it the global RNG (``torch.manual_seed``) does.
         Batches larger than ``max_batch_size`` are generated in consecutive chunks.
         """
-        ids, mask, lengths = _check_prompts(input_ids, attention_mask, self.info.vocab, self.info.device)
-        _int("max_new_tokens", max_new_tokens, 1)
+        ids, mask, lengths = check_prompts(input_ids, attention_mask, self.info.vocab, self.info.device)
+        check_count("max_new_tokens", max_new_tokens, 1)
         if ids.shape[1] + max_new_tokens > self.max_length:
             raise ValueError(
                 f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {ids.shape[1] + max_new_tokens} "
                 f"exceeds max_length={self.max_length} of this Generator"
             )
-        _check_sampling(do_sample, temperature, top_k, top_p, generator)
-        eos = _check_eos(eos_token_id, self.info.vocab)
+        check_sampling(do_sample, temperature, top_k, top_p, generator)
+        eos = check_eos(eos_token_id, self.info.vocab)
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
-        _check_token("pad_token_id", pad_token_id, self.info.vocab)
+        check_token("pad_token_id", pad_token_id, self.info.vocab)
 
         mode = "greedy" if not do_sample else ("filter" if top_k > 0 or top_p < 1 else "sample")
         seed = 0
@@ -395,7 +290,7 @@ class Generator:
         rows = ids.shape[0]
         longest = int(lengths.max())
         self._rng.manual_seed(seed)
-        with torch.no_grad(), attn_implementation(self.model), _eval_mode(self.model):
+        with torch.no_grad(), attn_implementation(self.model), eval_mode(self.model):
             self._sync()
             t0 = time.perf_counter()
             logits = self._prefill(ids, mask, lengths)

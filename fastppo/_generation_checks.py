@@ -1,0 +1,131 @@
+"""Input validation of :mod:`fastppo.generation`: which models the Generator supports, and the checks
+of its arguments (each error names the argument)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastppo._checks import check_int, check_mask
+
+MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (padded with -1) so that a graph serves any set
+
+
+@dataclass
+class ModelInfo:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def inspect_model(model) -> ModelInfo:
+    """Static checks for 'unsupported model'; :meth:`Generator._probe` then runs one token through it."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or config is None:
+        raise TypeError(
+            f"model must be a Hugging Face causal LM (a PreTrainedModel with a config), got {type(model).__name__}"
+        )
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"unsupported model {name}: encoder-decoder models are not supported, only decoder-only causal LMs")
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"unsupported model {name}: its forward has no `logits_to_keep` argument (not a transformers>=4.50 causal LM?)"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"unsupported model {name}: it does not route attention through transformers' AttentionInterface")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other or (getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None) and not layer_types):
+        found = other or ["sliding_attention"]
+        raise ValueError(f"unsupported model {name}: only full-attention layers are supported, found {found}")
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    param = next(model.parameters())
+    dtype = getattr(model, "dtype", param.dtype)
+    return ModelInfo(text.num_hidden_layers, kv_heads, head_dim, text.vocab_size, param.device, dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def check_count(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_token(name, value, vocab: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < vocab:
+        raise ValueError(f"{name} must lie in [0, {vocab}), got {value}")
+    return value
+
+
+def check_eos(eos_token_id, vocab: int) -> list[int]:
+    if eos_token_id is None:
+        return []
+    single = isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
+    eos = [eos_token_id] if single else list(eos_token_id)
+    if len(eos) > MAX_EOS:
+        raise ValueError(f"eos_token_id: at most {MAX_EOS} ids are supported, got {len(eos)}")
+    return [check_token("eos_token_id", e, vocab) for e in eos]
+
+
+def check_sampling(do_sample, temperature, top_k, top_p, generator) -> None:
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not number(temperature) or not temperature > 0 or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_count("top_k", top_k, 0)
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def check_prompts(input_ids, attention_mask, vocab: int, device):
+    """Returns ``(ids int64, mask bool, lengths)``; a few one-boolean syncs, once per call."""
+    check_int("input_ids", input_ids)
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [batch, prompt_length] with both > 0, got {tuple(input_ids.shape)}")
+    mask = check_mask("attention_mask", attention_mask, input_ids.shape)
+    for name, t in (("input_ids", input_ids), ("attention_mask", mask)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+    ids = input_ids.long()
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary size), found {int(ids[bad][0])}")
+    m = mask.long()
+    lengths = m.sum(-1)
+    if bool((lengths == 0).any()):
+        row = int((lengths == 0).nonzero()[0])
+        raise ValueError(f"attention_mask: row {row} has no real token (every prompt needs one)")
+    right = (m[:, 1:] < m[:, :-1]).any(-1)
+    if bool(right.any()):
+        raise ValueError(
+            f"attention_mask must be left-padded (zeros, then ones), row {int(right.nonzero()[0])} is not; "
+            "use tokenizer.padding_side = 'left'"
+        )
+    return ids, mask, lengths
