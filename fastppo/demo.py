@@ -1,6 +1,6 @@
 """The default demo: a tiny PPO run, end to end, on fastppo's core.
 
-    python -m fastppo.demo [--iterations 60] [--device auto|cpu|cuda] [--seed 0]
+    python -m fastppo.demo [--iterations 80] [--device auto|cpu|cuda] [--seed 0]
 
 A random tiny Qwen2-style policy (built from a config, tokenizer made in code: nothing is downloaded)
 learns to write vowels. Each iteration:
@@ -16,7 +16,8 @@ learns to write vowels. Each iteration:
    ``fastppo.value_loss`` (token-mean over each mini-batch, one optimizer step each).
 
 One line of metrics is printed per iteration (metric names follow cleanrl's ``ppo.py``). The mean
-reward rises from about 0.1 (the random policy) to above 0.5 in 60 iterations (well under a minute on a 2-core CPU).
+reward rises from about 0.1 (the random policy) to about 0.7 in 80 iterations (about 15 s on a 2-core
+CPU), with clip fractions of a few percent and approx_kl around 0.005.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ PROMPTS = ["Say it: ", "Sing ", "Once upon a time", "x=", "Hello", "Q: why? A:",
 
 @dataclasses.dataclass
 class DemoConfig:
-    iterations: int = 60
+    iterations: int = 80
     """PPO iterations (rollout + update)."""
     batch_size: int = 32
     """Prompts per rollout (prompts are drawn from a fixed list, with repetition)."""
@@ -50,7 +51,7 @@ class DemoConfig:
     """Passes over each rollout batch."""
     minibatches: int = 2
     """Mini-batches per epoch (one optimizer step each)."""
-    lr: float = 1e-3
+    lr: float = 3e-4
     """Adam learning rate of the policy and the critic."""
     kl_coef: float = 0.02
     """Weight of the per-token k1 KL penalty to the reference policy in the reward."""

@@ -12,9 +12,9 @@ def test_demo_cli_smoke(capsys):
 
 
 def test_demo_learns():
-    hist = run(DemoConfig(iterations=40))
+    hist = run(DemoConfig(iterations=60))
     assert all(math.isfinite(v) for h in hist for v in h.values())
     first = sum(h["reward"] for h in hist[:5]) / 5
     last = sum(h["reward"] for h in hist[-5:]) / 5
-    # The random policy writes ~11% vowels; PPO must clearly raise it (measured: ~0.11 -> ~0.5 at 40 iterations).
+    # The random policy writes ~11% vowels; PPO must clearly raise it (measured: 0.115 -> 0.57 at 60 iterations).
     assert last > first + 0.2, (first, last)
