@@ -140,6 +140,17 @@ def row_weights(row_count: torch.Tensor, agg: str, normalizer) -> torch.Tensor:
     return w.expand(rows)
 
 
+def reduce_partials(part: torch.Tensor, agg: str, normalizer):
+    """Loss and per-row weights from a loss kernel's partials ``part`` ``[rows, blocks, N_PARTIAL]``
+    (column 0: valid count, 1: loss sum). The buffer is tiny (1/BLOCK of the tokens): it is reduced
+    in float64 so counts stay exact. Returns ``(loss fp32 0-dim, w [rows], part fp64, column totals)``.
+    Shared by the value loss."""
+    p = part.to(torch.float64)
+    w = row_weights(p[..., 0].sum(1), agg, normalizer)
+    loss = (w * p[..., 1].sum(1)).sum().to(torch.float32)
+    return loss, w, p, p.sum((0, 1))
+
+
 def weighted_grad(grad: torch.Tensor, w: torch.Tensor, grad_loss: torch.Tensor, shape, dtype) -> torch.Tensor:
     """Backward of ``loss = sum_r w_r sum_t l[r, t]`` from the kernel's saved per-token ``dl/dx``
     (``grad`` fp32 ``[rows, T]``): row ``r`` scales by ``w_r * grad_loss``; returned in ``shape``/``dtype``
@@ -172,13 +183,7 @@ class PolicyLossFunction(torch.autograd.Function):
             dual_clip=0.0 if cfg.dual_clip is None else cfg.dual_clip,
             store_grad=store_grad,
         )
-        # The partials are tiny (1/64 of the tokens): reduce them in float64, counts stay exact.
-        p = part.to(torch.float64)
-        row_count = p[..., 0].sum(1)
-        w = row_weights(row_count, cfg.agg, cfg.normalizer)
-        loss = (w * p[..., 1].sum(1)).sum().to(torch.float32)
-
-        total = p[..., :5].sum((0, 1))
+        loss, w, p, total = reduce_partials(part, cfg.agg, cfg.normalizer)
         n = total[0]
         frac = total[2:5] / n.clamp_min(1.0)  # clip_frac, clip_frac_lower, approx_kl
         one = torch.ones((), dtype=torch.float64, device=p.device)

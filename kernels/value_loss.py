@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastppo.kernels._jit import CompileSpec, jit
-from fastppo.kernels.policy_loss import BLOCK_T, N_PARTIAL, NUM_WARPS, row_weights, weighted_grad
+from fastppo.kernels.policy_loss import BLOCK_T, N_PARTIAL, NUM_WARPS, reduce_partials, weighted_grad
 
 # Block size and warps as the policy loss (same access pattern: three streams + a mask).
 STAT_NAMES = ("clip_frac", "vpred_mean", "error_mean")
@@ -110,10 +110,7 @@ class ValueLossFunction(torch.autograd.Function):
     def forward(ctx, values, old_values, returns, mask, cfg: ValueLossConfig):
         store_grad = ctx.needs_input_grad[0]
         grad, part = value_loss_fwd(values, old_values, returns, mask, clip=cfg.clip, store_grad=store_grad)
-        p = part.to(torch.float64)  # tiny buffer; float64 keeps the counts exact
-        w = row_weights(p[..., 0].sum(1), cfg.agg, cfg.normalizer)
-        loss = (w * p[..., 1].sum(1)).sum().to(torch.float32)
-        total = p[..., :5].sum((0, 1))
+        loss, w, _, total = reduce_partials(part, cfg.agg, cfg.normalizer)
         stats = (total[2:5] / total[0].clamp_min(1.0)).to(torch.float32)  # clip_frac, vpred_mean, error_mean
         ctx.mark_non_differentiable(stats)
         if store_grad:
