@@ -46,6 +46,14 @@ class CompileSpec:
     constexprs: values of the ``tl.constexpr`` arguments (block sizes, flags).
     num_warps / num_stages: as the launcher passes them.
     label: a short tag for the table (e.g. ``"bf16 BLOCK=4096"``).
+    divisible: ``None`` compiles with nothing known about the arguments (odd sizes, e.g. V = 50257).
+        A tuple of integer argument names compiles the specialization Triton's launcher picks at run
+        time when every pointer is 16-byte aligned (torch's allocations are) and these integers are
+        multiples of 16 (the shapes of our goals: V = 151936, H = 896 or 4096, N = 8192). That is
+        the variant whose loads can be vectorized, so it is the one the speed depends on.
+    min_load_bits: the widest global load (or async copy) in the SASS must be at least this wide:
+        128 = 16-byte vector loads, what a memory-bound kernel needs to reach full bandwidth.
+    tensor_cores: the SASS must use matrix instructions (``HGMMA`` on sm_90, ``HMMA`` on sm_80).
     """
 
     kernel: object
@@ -54,3 +62,6 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    divisible: tuple | None = None
+    min_load_bits: int = 0
+    tensor_cores: bool = False

@@ -6,8 +6,15 @@ Each kernel module lists, in ``COMPILE_SPECS``, the argument signatures and bloc
 can pick (every autotune config included). This compiles each one with
 ``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, reads the cubin's resource usage with the
 ``cuobjdump`` that ships inside Triton, prints a table (kernel, arch, registers, shared memory,
-local memory) and exits non-zero on a compile failure or any spill (local memory or stack > 0):
-a kernel that spills on the GPU is a slow kernel, and we want to know before a GPU is at hand.
+local memory, widest global load, matrix instruction) and exits non-zero on a compile failure,
+any spill (local memory or stack > 0), or a hot kernel whose SASS lost what its speed rests on:
+16-byte vector loads for the memory-bound log-prob kernels, tensor-core instructions (``HGMMA`` on
+sm_90, ``HMMA`` on sm_80) for the matmul kernels. A kernel that spills or loads two bytes at a time
+on the GPU is a slow kernel, and we want to know before a GPU is at hand.
+
+A spec with ``divisible`` compiles the specialization Triton's launcher picks at run time for aligned
+pointers and integers that are multiples of 16 (``tt.divisibility = 16``, the ``D`` of its cache key);
+one without compiles with nothing known (odd sizes). Both show in the table (``spec`` column).
 """
 
 from __future__ import annotations
@@ -42,11 +49,42 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+# Global loads in SASS: LDG (to registers), LDGSTS (cp.async to shared memory), UTMALDG (TMA bulk copy).
+_LOAD = re.compile(r"\b(LDGSTS|UTMALDG|LDG)\b((?:\.[A-Z0-9_]+)*)")
+_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def sass_summary(sass: str) -> dict:
+    """Widest global load in bits (a plain ``LDG.E`` is 32) and the matrix instruction used, from SASS text."""
+    bits = 0
+    for op, mods in _LOAD.findall(sass):
+        if op == "UTMALDG":
+            bits = max(bits, 128)  # a tensor-memory-accelerator tile copy: wider than any register load
+            continue
+        widths = [_WIDTH[m] for m in mods.split(".") if m in _WIDTH]
+        bits = max(bits, max(widths) if widths else 32)
+    mma = "HGMMA" if re.search(r"\bHGMMA\b", sass) else "HMMA" if re.search(r"\bHMMA\b", sass) else "-"
+    return {"load_bits": bits, "mma": mma}
+
+
+def _attrs(spec) -> dict:
+    """``tt.divisibility = 16`` on every pointer and on the listed integers, as Triton's launcher sets it."""
+    if spec.divisible is None:
+        return {}
+    names = list(spec.kernel.arg_names)
+    unknown = [n for n in spec.divisible if n not in spec.signature]
+    if unknown:
+        raise ValueError(f"{spec.kernel.__name__}: divisible names unknown arguments {unknown}")
+    picked = [n for n, ty in spec.signature.items() if ty.startswith("*") or n in spec.divisible]
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in picked}
+
+
 def compile_one(spec, cc: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+    src = triton.compiler.ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
+                                    attrs=_attrs(spec))
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),
@@ -56,11 +94,25 @@ def compile_one(spec, cc: int) -> dict:
         f.write(compiled.asm["cubin"])
         f.flush()
         out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
     m = _USAGE.search(out)
     if m is None:
         raise RuntimeError(f"could not parse cuobjdump output:\n{out}")
     reg, stack, shared, local = map(int, m.groups())
-    return {"regs": reg, "stack": stack, "shared": max(shared, compiled.metadata.shared), "local": local}
+    return {"regs": reg, "stack": stack, "shared": max(shared, compiled.metadata.shared), "local": local,
+            **sass_summary(sass)}
+
+
+def verdict(spec, r: dict) -> str:
+    """``ok``, or what is wrong with a compiled kernel (spill, narrow loads, no tensor cores)."""
+    problems = []
+    if r["local"] > 0 or r["stack"] > 0:
+        problems.append("SPILL")
+    if r["load_bits"] < spec.min_load_bits:
+        problems.append(f"NARROW LOADS ({r['load_bits']} < {spec.min_load_bits} bits)")
+    if spec.tensor_cores and r["mma"] == "-":
+        problems.append("NO TENSOR CORES")
+    return ", ".join(problems) or "ok"
 
 
 def _job(modname: str, idx: int, cc: int) -> tuple:
@@ -68,11 +120,12 @@ def _job(modname: str, idx: int, cc: int) -> tuple:
     spec = importlib.import_module(modname).COMPILE_SPECS[idx]
     try:
         r = compile_one(spec, cc)
-        status = "SPILL" if r["local"] > 0 or r["stack"] > 0 else "ok"
+        status = verdict(spec, r)
     except Exception as e:  # report every failure, then exit non-zero
-        r = {"regs": "-", "shared": "-", "local": "-", "stack": "-"}
+        r = dict.fromkeys(("regs", "shared", "local", "stack", "load_bits", "mma"), "-")
         status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    return (spec.kernel.__name__, spec.label, f"sm_{cc}", r["regs"], r["shared"], r["local"], r["stack"], status)
+    return (spec.kernel.__name__, spec.label, "-" if spec.divisible is None else "D16", f"sm_{cc}",
+            r["regs"], r["shared"], r["local"], r["stack"], r["load_bits"], r["mma"], status)
 
 
 def main(argv=None) -> int:
@@ -106,11 +159,11 @@ def main(argv=None) -> int:
     else:
         rows = [_job(*j) for j in jobs]
     failures = sum(row[-1] != "ok" for row in rows)
-    header = ("kernel", "config", "arch", "regs", "shared", "local", "stack", "status")
+    header = ("kernel", "config", "spec", "arch", "regs", "shared", "local", "stack", "ld_bits", "mma", "status")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    print(f"{len(rows)} compiled, {failures} failed or spilled")
+    print(f"{len(rows)} compiled, {failures} failed, spilled or lost vector loads / tensor cores")
     return 1 if failures or not rows else 0
 
 

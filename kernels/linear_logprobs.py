@@ -154,14 +154,17 @@ class LinearConfig:
 # (no spill on sm_80 and sm_90), not by timing: no GPU was at hand when they were written.
 GPU_CONFIGS = {
     # 16-bit, aligned: the performance path (every real model: H and strides multiples of 16).
-    # 128 x 128 float32 tiles at 8 warps (64 registers/thread) plus the softmax epilogue; the
-    # forward's online entropy update needs BLOCK_H = 32 (64 spills a few bytes on sm_90).
-    ("16", True): LinearConfig(fwd=Tiles(128, 128, 32, 8, 4), dz=Tiles(128, 128, 64, 8, 3), dx=Tiles(128, 64, 128, 8, 3)),
+    # 128 x 128 float32 tiles at 8 warps (64 registers/thread) plus the softmax epilogue. Checked in
+    # the specialization the launcher really compiles (aligned pointers, sizes multiples of 16): the
+    # forward at 3-4 stages spills 8 bytes on sm_90 with Triton 3.9; 2 stages of BLOCK_H = 64 keep
+    # as many bytes in flight as 4 of 32 and are clean on 3.9 and 3.6 (255 registers: 1 CTA per SM).
+    ("16", True): LinearConfig(fwd=Tiles(128, 128, 64, 8, 2), dz=Tiles(128, 128, 64, 8, 3), dx=Tiles(128, 64, 128, 8, 3)),
     # Unaligned (odd H or strides): scalar loads keep a pointer per element, so smaller tiles.
     ("16", False): LinearConfig(fwd=Tiles(64, 64, 32, 4, 2), dz=Tiles(64, 64, 32, 4, 2), dx=Tiles(64, 64, 32, 4, 2)),
     # float32 ("ieee" dot on CUDA cores, not the performance path): smaller tiles, 4-byte operands;
     # the FMA dot keeps both operand fragments in registers, hence 8 warps for the forward.
-    ("32", True): LinearConfig(fwd=Tiles(32, 64, 32, 8, 3), dz=Tiles(64, 64, 32, 4, 3), dx=Tiles(64, 32, 64, 4, 3)),
+    # (The forward at 3 stages puts 8 bytes on the stack on sm_80 with Triton 3.9; 2 are clean.)
+    ("32", True): LinearConfig(fwd=Tiles(32, 64, 32, 8, 2), dz=Tiles(64, 64, 32, 4, 3), dx=Tiles(64, 32, 64, 4, 3)),
     # Unaligned forward at 4 warps, 1 stage: (8, 2) spills 16 bytes on Triton 3.6 (the GPU machines'),
     # (8, 1) spills 8 on Triton 3.9; (4, 1) is clean on both (168 registers).
     ("32", False): LinearConfig(fwd=Tiles(32, 64, 32, 4, 1), dz=Tiles(32, 64, 32, 8, 2), dx=Tiles(32, 64, 32, 4, 2)),
@@ -331,6 +334,17 @@ def linear_logprobs_and_entropy_triton(hidden, weight, labels, bias=None, *, tem
 
 
 # --- every configuration the launchers can pick, for ``python -m fastppo.kernels.compile_check`` ---
+def _expect(dt: str, aligned: bool, sig: dict) -> dict:
+    """What ``compile_check`` requires of a matmul kernel. ALIGNED kernels are compiled as Triton's
+    launcher specializes them for aligned tensors, every integer size and stride a multiple of 16
+    (``ignore_index`` excepted): their tiles must come in by 16-byte loads (cp.async), and 16-bit
+    ones must use tensor cores."""
+    if not aligned:
+        return {}
+    sizes = tuple(n for n, ty in sig.items() if ty == "i32" and n != "ignore_index")
+    return {"divisible": sizes, "tensor_cores": dt != "fp32", "min_load_bits": 128}
+
+
 def _specs() -> list[CompileSpec]:
     fwd_sig = {"X": "", "W": "", "B": "*fp32", "Labels": "*i64", "Part": "*fp32", "N": "i32", "H": "i32", "V": "i32",
                "stride_xn": "i32", "stride_wv": "i32", "split_size": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
@@ -350,18 +364,20 @@ def _specs() -> list[CompileSpec]:
                         sig = {k: (v or f"*{dt}") for k, v in sig.items()}
                         specs.append(CompileSpec(kern, sig, dict(const, BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H),
                                                  t.num_warps, t.num_stages,
-                                                 f"{tag} ent={int(ent)} bias={int(bias)} {t.BLOCK_N}x{t.BLOCK_V}x{t.BLOCK_H}"))
+                                                 f"{tag} ent={int(ent)} bias={int(bias)} {t.BLOCK_N}x{t.BLOCK_V}x{t.BLOCK_H}",
+                                                 **_expect(dt, aligned, sig)))
             t = cfg.dx
             # One chunk: FIRST and LAST, no halves. Several: 16-bit keeps the running sum in HI + LO.
             for first, last in ((True, True), (True, False), (False, False), (False, True)):
                 use_lo = dt != "fp32" and not (first and last)
                 half = "*bf16" if use_lo else f"*{dt}"
-                specs.append(CompileSpec(_linear_dx_kernel, {
-                    "DZ": f"*{dt}", "W": f"*{dt}", "OUT": f"*{dt}", "HI": half, "LO": half,
-                    "N": "i32", "H": "i32", "K": "i32", "stride_dz": "i32", "stride_wv": "i32"},
+                dx_sig = {"DZ": f"*{dt}", "W": f"*{dt}", "OUT": f"*{dt}", "HI": half, "LO": half,
+                          "N": "i32", "H": "i32", "K": "i32", "stride_dz": "i32", "stride_wv": "i32"}
+                specs.append(CompileSpec(_linear_dx_kernel, dx_sig,
                     dict(FIRST=first, LAST=last, USE_LO=use_lo, ALIGNED=aligned, DOT_PRECISION=prec,
                          BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H),
-                    t.num_warps, t.num_stages, f"{tag} first={int(first)} last={int(last)} {t.BLOCK_N}x{t.BLOCK_H}x{t.BLOCK_V}"))
+                    t.num_warps, t.num_stages, f"{tag} first={int(first)} last={int(last)} {t.BLOCK_N}x{t.BLOCK_H}x{t.BLOCK_V}",
+                    **_expect(dt, aligned, dx_sig)))
     for ent in (True, False):
         specs.append(CompileSpec(_linear_lse_combine_kernel, {
             "Part": "*fp32", "Labels": "*i64", "LP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",

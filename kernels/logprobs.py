@@ -236,8 +236,15 @@ def _specs() -> list[CompileSpec]:
                            "G_LP": "*fp32", "G_ENT": "*fp32", "N": "i32", "T_inner": "i32", "stride_o": "i32",
                            "stride_i": "i32", "dstride_o": "i32", "dstride_i": "i32", "V": "i32",
                            "inv_temp": "fp32", "ignore_index": "i32"}
-                for kern, sig in ((_logprobs_fwd_kernel, fwd_sig), (_logprobs_bwd_kernel, bwd_sig)):
+                # Each thread reads a contiguous run of the row: with aligned rows (V, strides multiples
+                # of 16) that must be one vector load, up to 16 bytes (8 bf16 / 4 fp32 values).
+                per_thread = block * cfg["ROWS"] // (32 * cfg["num_warps"])
+                vector_bits = min(128, per_thread * (32 if dt == "fp32" else 16))
+                for kern, sig, div in ((_logprobs_fwd_kernel, fwd_sig, ("stride_o", "stride_i", "V")),
+                                       (_logprobs_bwd_kernel, bwd_sig, ("stride_o", "stride_i", "dstride_o", "dstride_i", "V"))):
                     specs.append(CompileSpec(kern, dict(sig), dict(const), cfg["num_warps"], NUM_STAGES, label))
+                    specs.append(CompileSpec(kern, dict(sig), dict(const), cfg["num_warps"], NUM_STAGES, label,
+                                             divisible=div, min_load_bits=vector_bits))
     return specs
 
 
