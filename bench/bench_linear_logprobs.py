@@ -2,6 +2,7 @@
 
     python bench/bench_linear_logprobs.py                      # CUDA: N=8192, V=151936, bf16, H=896 and 4096
     python bench/bench_linear_logprobs.py --H 896 --reps 5     # one hidden size
+    python bench/bench_linear_logprobs.py --sweep              # time alternative bf16 tiles (SWEEP)
     pytest bench/bench_linear_logprobs.py --benchmark-enable   # the same variants under pytest-benchmark
 
 Variants, each forward + backward of ``hidden [N, H] @ weight[V, H].T`` -> per-token log-prob (and
@@ -26,6 +27,7 @@ materialized bf16 ``[N, V]`` logits tensor. The goals: <= 5% and >= 70%.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -179,6 +181,81 @@ def run_table(N, H, V, reps, peak_tflops):
         torch.cuda.empty_cache()
 
 
+# --- tile sweep: which bf16 tiles are fastest on this GPU ----------------------------------------------
+# The shipped tiles were chosen from register counts, with no GPU at hand. These alternatives were
+# spill-free on sm_80 and sm_90 with Triton 3.6 and 3.9 and fit an A100's shared memory when written;
+# the sweep re-checks each on this machine (compile_check's compile, for this GPU's arch) and skips
+# any that spills here. One kernel varies at a time, the others keep the shipped tiles.
+def _tiles(*a):
+    from fastppo.kernels.linear_logprobs import Tiles
+
+    return Tiles(*a)
+
+
+SWEEP = {
+    "fwd": [(128, 128, 64, 8, 2), (128, 128, 32, 8, 2), (64, 256, 64, 8, 3)],
+    "dz": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4)],
+    "dx": [(128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (64, 64, 128, 4, 4)],
+}
+
+
+def _spills_here(stage: str, tiles) -> str | None:
+    """Compile this stage's kernels with ``tiles`` for this GPU; None if clean, else why not."""
+    import dataclasses
+
+    from fastppo.kernels import linear_logprobs as K
+    from fastppo.kernels.compile_check import compile_one, verdict
+
+    kern = {"fwd": K._linear_lse_fwd_kernel, "dz": K._linear_dz_kernel, "dx": K._linear_dx_kernel}[stage]
+    cc = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
+    for spec in K.COMPILE_SPECS:
+        # The variants the sweep runs: bf16, aligned, entropy on, no bias (the backward's dx: all four).
+        if spec.kernel is not kern or not spec.label.startswith("bf16 al=1") or "ent=0" in spec.label or "bias=1" in spec.label:
+            continue
+        spec = dataclasses.replace(spec, num_warps=tiles.num_warps, num_stages=tiles.num_stages, constexprs=dict(
+            spec.constexprs, BLOCK_N=tiles.BLOCK_N, BLOCK_V=tiles.BLOCK_V, BLOCK_H=tiles.BLOCK_H))
+        why = verdict(spec, compile_one(spec, cc), cc)
+        if why != "ok":
+            return f"{spec.label}: {why}"
+    return None
+
+
+def run_sweep(N, H, V, reps):
+    from fastppo.kernels import linear_logprobs as K
+
+    key = ("16", True)
+    shipped = K.GPU_CONFIGS[key]
+    h, w, y = make_inputs(N, H, V)
+    flops = 8 * N * H * V
+    print(f"\ntile sweep, hidden [{N}, {H}] @ weight [{V}, {H}] bf16, fastppo-triton fwd+bwd, median of {reps}")
+    print(f"{'kernel':6s} {'tiles (N, V, H, warps, stages)':32s} {'ms':>9s} {'TFLOP/s':>8s} {'rel diff':>9s}")
+
+    def result():  # loss and gradients, to check each candidate against the shipped tiles
+        step(fastppo_triton, h, w, y)
+        out = (h.grad.float().clone(), w.grad.float().clone())
+        h.grad = w.grad = None
+        return out
+
+    want = result()
+    try:
+        for stage, candidates in SWEEP.items():
+            for c in candidates:
+                tiles = _tiles(*c)
+                why = _spills_here(stage, tiles)
+                if why:
+                    print(f"{stage:6s} {str(c):32s} skipped: {why}")
+                    continue
+                K.GPU_CONFIGS[key] = dataclasses.replace(shipped, **{stage: tiles})
+                got = result()
+                diff = max(float((g - e).norm() / e.norm()) for g, e in zip(got, want))
+                ms, _ = time_variant(fastppo_triton, h, w, y, reps)
+                mark = "  (shipped)" if tiles == getattr(shipped, stage) else ""
+                bad = "  MISMATCH" if not diff < 1e-2 else ""
+                print(f"{stage:6s} {str(c):32s} {ms:9.2f} {flops / (ms * 1e-3) / 1e12:8.1f} {diff:9.1e}{mark}{bad}")
+    finally:
+        K.GPU_CONFIGS[key] = shipped
+
+
 # --- pytest-benchmark -----------------------------------------------------------------------------
 try:
     import pytest
@@ -204,6 +281,7 @@ def main(argv=None):
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--H", type=int, nargs="+", default=[896, 4096])
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--sweep", action="store_true", help="time the alternative bf16 tiles (SWEEP) instead of the variants")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_linear_logprobs: needs a CUDA GPU (the fused kernels and the baselines it compares are GPU code); nothing to do.")
@@ -214,7 +292,10 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"bf16 matmul (8192^3 torch.matmul): {peak:.0f} TFLOP/s")
     for H in a.H:
-        run_table(a.N, H, a.V, a.reps, peak)
+        if a.sweep:
+            run_sweep(a.N, H, a.V, a.reps)
+        else:
+            run_table(a.N, H, a.V, a.reps, peak)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@
 #   bash bench/gpu_session.sh tests      # install, environment, CUDA test suite (kernels compiled, not interpreted)
 #   bash bench/gpu_session.sh kernels    # logits / linear log-prob, loss and GAE benchmarks
 #   bash bench/gpu_session.sh generate   # rollout generation benchmark
+#   bash bench/gpu_session.sh tune       # time alternative bf16 tiles of the linear kernels (then edit GPU_CONFIGS)
 #
 # Each device call carries ".whl" so that the baselines are importable there.
 # Output files go to $OUT (the device tool brings them back) or bench/results/gpu-DATE/; commit them
 # under bench/results/ with the device name and versions that env.txt records.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: bench/gpu_session.sh tests|kernels|generate}
+stage=${1:?usage: bench/gpu_session.sh tests|kernels|generate|tune}
 out=${OUT:-bench/results/gpu-$(date -u +%F)}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -46,6 +47,9 @@ kernels)
     ;;
 generate)
     run bench_generate 560 python3 bench/bench_generate.py
+    ;;
+tune)
+    run tune_linear 560 python3 bench/bench_linear_logprobs.py --sweep --reps 5
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ can pick (every autotune config included). This compiles each one with
 ``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, reads the cubin's resource usage with the
 ``cuobjdump`` that ships inside Triton, prints a table (kernel, arch, registers, shared memory,
 local memory, widest global load, matrix instruction) and exits non-zero on a compile failure,
-any spill (local memory or stack > 0), or a hot kernel whose SASS lost what its speed rests on:
+any spill (local memory or stack > 0), more shared memory than a block gets on that GPU, or a hot kernel whose SASS lost what its speed rests on:
 16-byte vector loads for the memory-bound log-prob kernels, tensor-core instructions (``HGMMA`` on
 sm_90, ``HMMA`` on sm_80) for the matmul kernels. A kernel that spills or loads two bytes at a time
 on the GPU is a slow kernel, and we want to know before a GPU is at hand.
@@ -103,11 +103,19 @@ def compile_one(spec, cc: int) -> dict:
             **sass_summary(sass)}
 
 
-def verdict(spec, r: dict) -> str:
-    """``ok``, or what is wrong with a compiled kernel (spill, narrow loads, no tensor cores)."""
+# Shared memory one block may use (opt-in maximum): A100 163 KiB, H100/H200 227 KiB. Triton only
+# finds out at launch ("out of resource: shared memory"), so the check does it here.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def verdict(spec, r: dict, cc: int = 90) -> str:
+    """``ok``, or what is wrong with a compiled kernel (spill, too much shared memory, narrow loads,
+    no tensor cores)."""
     problems = []
     if r["local"] > 0 or r["stack"] > 0:
         problems.append("SPILL")
+    if r["shared"] > SHARED_LIMIT.get(cc, SHARED_LIMIT[80]):
+        problems.append(f"SHARED {r['shared']} > {SHARED_LIMIT.get(cc, SHARED_LIMIT[80])}")
     if r["load_bits"] < spec.min_load_bits:
         problems.append(f"NARROW LOADS ({r['load_bits']} < {spec.min_load_bits} bits)")
     if spec.tensor_cores and r["mma"] == "-":
@@ -120,7 +128,7 @@ def _job(modname: str, idx: int, cc: int) -> tuple:
     spec = importlib.import_module(modname).COMPILE_SPECS[idx]
     try:
         r = compile_one(spec, cc)
-        status = verdict(spec, r)
+        status = verdict(spec, r, cc)
     except Exception as e:  # report every failure, then exit non-zero
         r = dict.fromkeys(("regs", "shared", "local", "stack", "load_bits", "mma"), "-")
         status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"

@@ -45,11 +45,14 @@ def test_verdict_flags_spills_narrow_loads_and_missing_tensor_cores():
     from fastppo.kernels.compile_check import verdict
 
     spec = CompileSpec(kernel=None, signature={}, constexprs={}, min_load_bits=128, tensor_cores=True)
-    good = {"local": 0, "stack": 0, "load_bits": 128, "mma": "HGMMA"}
+    good = {"local": 0, "stack": 0, "shared": 98304, "load_bits": 128, "mma": "HGMMA"}
     assert verdict(spec, good) == "ok"
     assert "SPILL" in verdict(spec, dict(good, stack=8))
     assert "NARROW LOADS" in verdict(spec, dict(good, load_bits=16))
     assert "NO TENSOR CORES" in verdict(spec, dict(good, mma="-"))
+    big = dict(good, shared=192 * 1024)  # fits an H100 block, not an A100 one
+    assert verdict(spec, dict(big, shared=100), 80) == "ok"
+    assert "SHARED" in verdict(spec, big, 80) and verdict(spec, big, 90) == "ok"
     assert verdict(CompileSpec(kernel=None, signature={}, constexprs={}), dict(good, load_bits=16, mma="-")) == "ok"
 
 
