@@ -17,6 +17,13 @@ Batch invariance: the block sizes depend only on ``V`` (never on ``N``) and each
 on that row, so a row gives bit-identical results alone or inside any batch (the first PPO step then
 has ratio exactly 1 whatever the micro-batching).
 
+Vector loads: when ``V`` and the strides are multiples of 16 (151936, 128256, 50304, ...) Triton's
+launcher specializes the kernel for aligned rows and each thread reads its 16 values as two 16-byte
+loads (``compile_check`` holds it to that). An odd ``V`` (GPT-2's 50257) gets 2-byte loads: aligning
+the loads per row would shift the block boundaries by each row's address, and with them the order of
+the reduction, which would break the batch invariance below. Pad the vocabulary to a multiple of 16
+(as most checkpoints already do) for full bandwidth.
+
 Rows are addressed through a ``[O, T, V]`` view (:func:`fastppo.reference.logprobs.rows3d`): row ``r``
 starts at ``(r // T) * stride_o + (r % T) * stride_i``, which covers ``logits[:, :-1]`` without a copy.
 Offsets are int64 because ``N * V`` exceeds 2^31 at real sizes (8192 x 151936 = 1.2e9, and more).
