@@ -21,7 +21,7 @@ Vector loads: when ``V`` and the strides are multiples of 16 (151936, 128256, 50
 launcher specializes the kernel for aligned rows and each thread reads its 16 values as two 16-byte
 loads (``compile_check`` holds it to that). An odd ``V`` (GPT-2's 50257) gets 2-byte loads: aligning
 the loads per row would shift the block boundaries by each row's address, and with them the order of
-the reduction, which would break the batch invariance below. Pad the vocabulary to a multiple of 16
+the reduction, which would break the batch invariance above. Pad the vocabulary to a multiple of 16
 (as most checkpoints already do) for full bandwidth.
 
 Rows are addressed through a ``[O, T, V]`` view (:func:`fastppo.reference.logprobs.rows3d`): row ``r``
