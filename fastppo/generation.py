@@ -23,6 +23,7 @@ graphs were already captured.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -94,6 +95,31 @@ def _more_recompiles():
     return cfg.patch(**{n: max(getattr(cfg, n), 1024) for n in names})
 
 
+def _autocast_state() -> tuple:
+    return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) if torch.cuda.is_available() else ()
+
+
+@contextlib.contextmanager
+def _capture_safe():
+    """What warm-up and capture of the decode step need, whatever the caller has switched on:
+
+    * a caller's ``torch.autocast`` keeps the casts of the weights in a cache that is freed when its
+      block exits; a graph would then read freed memory (and never see optimizer updates). Same
+      autocast, but ``cache_enabled=False``: the casts are captured as kernels of the step.
+    * ``torch.use_deterministic_algorithms(True)`` sends CUDA ``index_put_`` through a path that reads
+      ``index.max()`` on the host, which is illegal while capturing. The step's indices are distinct
+      (the scratch row aside), so the non-deterministic kernel computes the same thing.
+    """
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.use_deterministic_algorithms(False)
+    try:
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+
+
 def _buckets(max_batch_size: int) -> list[int]:
     sizes = [1 << i for i in range(max_batch_size.bit_length()) if (1 << i) < max_batch_size]
     return sizes + [max_batch_size]
@@ -154,8 +180,9 @@ class Generator:
         self._allocate_state()
         self._rng = torch.Generator(device=info.device)
         self._graphs: dict = {}
-        self._graph_params = None  # parameter addresses the graphs were captured with
+        self._graph_params = None  # parameter addresses (and autocast state) the graphs were captured with
         self._pool = None
+        self._capture_stream = None  # this generator's own: the process-wide default is bound to one device
         self._step_fn = self._step
         if compile:
             self._step_fn = torch.compile(self._step, dynamic=False)
@@ -264,11 +291,14 @@ class Generator:
         tensor of the model was replaced; in-place weight updates (optimizer steps) need nothing."""
         self._graphs.clear()
         self._graph_params = None
+        self._pool = None  # a fresh pool too: no graph holds the old one any more
 
     def _check_params(self):
         # a graph reads the parameters at the addresses seen at capture: in-place updates are fine,
-        # re-assigned tensors (load_state_dict(assign=True), re-materialised shards) are not
-        ptrs = [p.data_ptr() for p in self.model.parameters()]
+        # re-assigned tensors (load_state_dict(assign=True), re-materialised shards) are not. Under a
+        # caller's autocast the captured GEMMs read casts made inside the graph; a change of autocast
+        # state changes what the step computes, so it also means recapturing.
+        ptrs = [p.data_ptr() for p in self.model.parameters()] + [_autocast_state()]
         if ptrs != self._graph_params:
             self.reset_graphs()
             self._graph_params = ptrs
@@ -318,9 +348,11 @@ class Generator:
                     if b == 0:
                         break
                 kv_len = self._kv_len(longest + t) if self.attention == "sdpa" else 0
-                if (b, kv_len, mode) != key:
+                fresh = (b, kv_len, mode) != key
+                if fresh:
                     key = (b, kv_len, mode)
                     if self.cuda_graphs and key not in self._graphs:
+                        self._sync()  # capture synchronizes: queued replays must not count as capture time
                         tc = time.perf_counter()
                         self._capture(key)
                         capture += time.perf_counter() - tc
@@ -328,6 +360,9 @@ class Generator:
                     self._rng.manual_seed(seed + 7919 * t)
                 if self.cuda_graphs:
                     self._graphs[key].replay()
+                elif fresh:  # a new specialisation with compile=True: may compile, past dynamo's limit of 8
+                    with _more_recompiles():
+                        self._step_fn(*key)
                 else:
                     self._step_fn(*key)
                 steps += 1
@@ -434,9 +469,11 @@ class Generator:
     def _capture(self, key):
         """Warm up (lazy inits, compilation) on a side stream, undo its effects, then capture ``_step``."""
         saved = {k: v.clone() for k, v in self._state().items()}
-        stream = torch.cuda.Stream(self.info.device)
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.info.device)
+        stream = self._capture_stream
         stream.wait_stream(torch.cuda.current_stream(self.info.device))
-        with torch.cuda.stream(stream), _more_recompiles():
+        with _capture_safe(), torch.cuda.stream(stream), _more_recompiles():
             for _ in range(2):
                 self._step_fn(*key)
                 for k, v in saved.items():  # the warm-up wrote at the same slots the real step will overwrite
@@ -447,6 +484,7 @@ class Generator:
             graph.register_generator_state(self._rng)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA calls of other threads (an NCCL watchdog, a data loader) don't break the capture
+        with _capture_safe(), torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             self._step_fn(*key)
         self._graphs[key] = graph

@@ -255,6 +255,24 @@ def test_unsupported_models():
         fastppo.Generator(NoKeep(), max_batch_size=1, max_length=8)
 
 
+def test_compiled_step_keeps_compiling_past_dynamo_limit(models):
+    # With compile=True and no graphs, each new (bucket, key length, mode) is one more specialisation of
+    # the compiled step; its first call must run with dynamo's recompile limit raised (default 8), or the
+    # ninth would silently run eagerly. Recorded with a stand-in step (compiling for real takes minutes).
+    model = models["qwen2"]
+    ids, mask = ragged_prompts(3, max_len=P, seed=4)
+    gen = fastppo.Generator(model, max_batch_size=4, max_length=40, kv_block=2)  # many key-length buckets
+    seen = {}
+
+    def step(*key):
+        seen.setdefault(key, torch._dynamo.config.recompile_limit)
+        return gen._step(*key)
+
+    gen._step_fn = step
+    gen.generate(ids, mask, max_new_tokens=20, do_sample=False)
+    assert len(seen) > 8 and min(seen.values()) >= 1024
+
+
 # ---------------------------------------------------------------------------------------------------
 # CUDA graphs (GPU only)
 # ---------------------------------------------------------------------------------------------------
@@ -294,3 +312,27 @@ def test_cuda_graph_sampling_reproducible():
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
     again = gen.generate(ids, mask, max_new_tokens=32, generator=torch.Generator("cuda").manual_seed(0))
     assert again.capture_seconds > 0 and torch.equal(again.sequences, runs[0])
+
+
+@requires_cuda
+def test_cuda_graphs_under_autocast_and_deterministic_mode():
+    # A caller's autocast (fp32 weights, bf16 compute) and deterministic mode around generate(): the
+    # capture must neither read autocast's weight-cast cache (freed when the block exits) nor sync on the
+    # host (deterministic index_put_). Replays after the autocast block has exited give the same tokens.
+    model = tiny_qwen2(seed=5).cuda()
+    ids, mask = (t.cuda() for t in ragged_prompts(4, max_len=P, seed=11))
+    gen = fastppo.Generator(model, max_batch_size=4, max_length=32)
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            first = gen.generate(ids, mask, max_new_tokens=12, do_sample=False)
+            again = gen.generate(ids, mask, max_new_tokens=12, do_sample=False)
+    finally:
+        torch.use_deterministic_algorithms(det)
+    assert first.capture_seconds > 0 and again.capture_seconds == 0
+    assert torch.equal(first.sequences, again.sequences)
+    torch.cuda.empty_cache()
+    fp32 = gen.generate(ids, mask, max_new_tokens=12, do_sample=False)  # autocast off: recaptured
+    assert fp32.capture_seconds > 0
+    assert torch.equal(fp32.sequences, hf_greedy(model, ids, mask, 12))
