@@ -12,6 +12,7 @@ or the reverse, so the choice is made once, for all our kernels, when this modul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -22,6 +23,12 @@ _env = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", 
 _force_compile = os.environ.get("FASTPPO_TRITON_COMPILE", "0") == "1"
 
 INTERPRET: bool = _env or (not _force_compile and not torch.cuda.is_available())
+
+
+def on_device(t: torch.Tensor):
+    """Context for a launch on ``t``'s tensors: Triton launches on the *current* CUDA device, not on
+    the tensors' one (a tensor on cuda:1 with cuda:0 current fails to launch). A no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def jit(fn=None, **kwargs):
@@ -51,6 +58,8 @@ class CompileSpec:
         time when every pointer is 16-byte aligned (torch's allocations are) and these integers are
         multiples of 16 (the shapes of our goals: V = 151936, H = 896 or 4096, N = 8192). That is
         the variant whose loads can be vectorized, so it is the one the speed depends on.
+    ones: integer arguments equal to 1 in that run-time specialization (unit strides): Triton's
+        launcher makes an integer argument that is 1 a compile-time constant.
     min_load_bits: the widest global load (or async copy) in the SASS must be at least this wide:
         128 = 16-byte vector loads, what a memory-bound kernel needs to reach full bandwidth.
     tensor_cores: the SASS must use matrix instructions (``HGMMA`` on sm_90, ``HMMA`` on sm_80).
@@ -63,5 +72,18 @@ class CompileSpec:
     num_stages: int = 3
     label: str = ""
     divisible: tuple | None = None
+    ones: tuple = ()
     min_load_bits: int = 0
     tensor_cores: bool = False
+
+
+def streaming_spec(spec: CompileSpec, block: int, num_warps: int, elem_bits: int) -> CompileSpec:
+    """The run-time specialization of an elementwise ``[rows, T]`` kernel on contiguous inputs: unit
+    column strides (``s_*_t``, constants 1), row strides and ``T`` multiples of 16, aligned pointers.
+    Each thread then holds ``block / (32 * num_warps)`` consecutive elements and must load them with
+    one vector load (up to 16 bytes)."""
+    ints = [n for n, ty in spec.signature.items() if ty == "i32"]
+    ones = tuple(n for n in ints if n.startswith("s_") and n.endswith("_t"))
+    rows = tuple(n for n in ints if n == "T" or (n.startswith("s_") and n.endswith("_r")))
+    bits = min(128, block // (32 * num_warps) * elem_bits)
+    return dataclasses.replace(spec, label=spec.label, divisible=rows, ones=ones, min_load_bits=bits)

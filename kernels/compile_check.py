@@ -75,7 +75,7 @@ def _attrs(spec) -> dict:
     unknown = [n for n in spec.divisible if n not in spec.signature]
     if unknown:
         raise ValueError(f"{spec.kernel.__name__}: divisible names unknown arguments {unknown}")
-    picked = [n for n, ty in spec.signature.items() if ty.startswith("*") or n in spec.divisible]
+    picked = [n for n, ty in spec.signature.items() if n not in spec.ones and (ty.startswith("*") or n in spec.divisible)]
     return {(names.index(n),): [["tt.divisibility", 16]] for n in picked}
 
 
@@ -83,8 +83,10 @@ def compile_one(spec, cc: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
-                                    attrs=_attrs(spec))
+    signature, constexprs = dict(spec.signature), dict(spec.constexprs)
+    for name in spec.ones:  # specialized to the constant 1, as the launcher does for unit strides
+        signature[name], constexprs[name] = "constexpr", 1
+    src = triton.compiler.ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs, attrs=_attrs(spec))
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from fastppo.kernels._jit import CompileSpec, jit
+from fastppo.kernels._jit import CompileSpec, jit, on_device
 
 # Time steps per block: 256 steps over 4 warps is 2 per thread, so the 5-tuple scan stays in
 # registers; longer rows loop over blocks inside the kernel with a carried state.
@@ -102,26 +102,28 @@ def gae_forward(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     if rewards.dtype != values.dtype:  # one pointer dtype for both: fewer compiled variants
         rewards, values = rewards.float(), values.float()
     m = mask.view(torch.uint8)  # bool -> uint8 is a free reinterpretation (strides kept)
-    _gae_kernel[(B,)](
-        rewards, values, m, adv, ret,
-        T,
-        rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1), m.stride(0), m.stride(1),
-        float(gamma), float(gamma) * float(lam),
-        BLOCK_T=BLOCK_T,
-        num_warps=NUM_WARPS,
-    )
+    with on_device(rewards):
+        _gae_kernel[(B,)](
+            rewards, values, m, adv, ret,
+            T,
+            rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1), m.stride(0), m.stride(1),
+            float(gamma), float(gamma) * float(lam),
+            BLOCK_T=BLOCK_T,
+            num_warps=NUM_WARPS,
+        )
     return adv, ret
 
 
-def _spec(dt: str) -> CompileSpec:
+def _spec(dt: str, stride: str) -> CompileSpec:
     sig = {
         "R": f"*{dt}", "V": f"*{dt}", "M": "*u8", "ADV": "*fp32", "RET": "*fp32",
         "T": "i32",
-        "stride_rb": "i64", "stride_rt": "i64", "stride_vb": "i64", "stride_vt": "i64",
-        "stride_mb": "i64", "stride_mt": "i64",
+        "stride_rb": stride, "stride_rt": stride, "stride_vb": stride, "stride_vt": stride,
+        "stride_mb": stride, "stride_mt": stride,
         "gamma": "fp32", "c": "fp32",
     }
-    return CompileSpec(_gae_kernel, sig, {"BLOCK_T": BLOCK_T}, num_warps=NUM_WARPS, label=f"{dt} BLOCK_T={BLOCK_T}")
+    return CompileSpec(_gae_kernel, sig, {"BLOCK_T": BLOCK_T}, num_warps=NUM_WARPS, label=f"{dt} strides={stride} BLOCK_T={BLOCK_T}")
 
 
-COMPILE_SPECS = [_spec(dt) for dt in ("fp32", "bf16", "fp16")]
+# Strides are i32 at run time (Python ints below 2**31, what every real batch has), i64 beyond.
+COMPILE_SPECS = [_spec(dt, stride) for dt in ("fp32", "bf16", "fp16") for stride in ("i32", "i64")]

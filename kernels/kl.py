@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import CompileSpec, jit
+from fastppo.kernels._jit import CompileSpec, jit, on_device, streaming_spec
 
 KINDS = ("k1", "abs", "k2", "k3")
 # 1024 elements per program at 4 warps: 8 per thread, fully vectorised loads for a pure streaming
@@ -75,12 +75,13 @@ def _flag(flag, BLOCK: tl.constexpr):
 
 @jit
 def _load_d(LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, has_mask, BLOCK: tl.constexpr):
-    """``(d, valid)`` for one block; masked positions are not read and give d = 0."""
+    """``(d, valid)`` for one block; masked positions give d = 0 (a NaN/inf stored there cannot leak).
+    Loads are masked by the row bound only: a mask that depends on data cannot be vectorised."""
     valid = tl.load(MASK + row * s_m_r + c * s_m_t, mask=in_row & _flag(has_mask, BLOCK), other=1) != 0
     valid = valid & in_row
-    lp = tl.load(LP + row * s_lp_r + c * s_lp_t, mask=valid, other=0.0).to(tl.float32)
-    ref = tl.load(REF + row * s_ref_r + c * s_ref_t, mask=valid, other=0.0).to(tl.float32)
-    return lp - ref, valid
+    lp = tl.load(LP + row * s_lp_r + c * s_lp_t, mask=in_row, other=0.0).to(tl.float32)
+    ref = tl.load(REF + row * s_ref_r + c * s_ref_t, mask=in_row, other=0.0).to(tl.float32)
+    return tl.where(valid, lp - ref, 0.0), valid
 
 
 @jit
@@ -117,7 +118,7 @@ def _kl_bwd_kernel(
     in_row = cols < T
     c = cols.to(tl.int64)
     d, valid = _load_d(LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, has_mask, BLOCK)
-    go = tl.load(GOUT + row * s_g_r + c * s_g_t, mask=valid, other=0.0).to(tl.float32)
+    go = tl.where(valid, tl.load(GOUT + row * s_g_r + c * s_g_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
     g = tl.where(valid, go * _kl_grad(d, KIND), 0.0)
     tl.store(GLP + row * T + c, g.to(GLP.dtype.element_ty), mask=in_row & _flag(need_lp, BLOCK))
     tl.store(GREF + row * T + c, (-g).to(GREF.dtype.element_ty), mask=in_row & _flag(need_ref, BLOCK))
@@ -134,12 +135,13 @@ def kl_fwd(logprobs, ref_logprobs, mask, kind: int) -> torch.Tensor:
     m = _rows(mask) if mask is not None else torch.ones((1, 1), dtype=torch.bool, device=lp.device)
     rows, T = lp.shape
     out = torch.empty(logprobs.shape, dtype=torch.float32, device=lp.device)
-    _kl_fwd_kernel[(rows, triton.cdiv(T, BLOCK_T))](
-        lp, ref, m, out,
-        T, lp.stride(0), lp.stride(1), ref.stride(0), ref.stride(1), m.stride(0), m.stride(1),
-        int(mask is not None),
-        KIND=kind, BLOCK=BLOCK_T, num_warps=NUM_WARPS,
-    )
+    with on_device(lp):
+        _kl_fwd_kernel[(rows, triton.cdiv(T, BLOCK_T))](
+            lp, ref, m, out,
+            T, lp.stride(0), lp.stride(1), ref.stride(0), ref.stride(1), m.stride(0), m.stride(1),
+            int(mask is not None),
+            KIND=kind, BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -151,12 +153,13 @@ def kl_bwd(grad_out, logprobs, ref_logprobs, mask, kind: int, need_lp: bool, nee
     # Unneeded gradients get a 1-element placeholder that the masked store never touches.
     g_lp = torch.empty(logprobs.shape if need_lp else (1,), dtype=logprobs.dtype, device=lp.device)
     g_ref = torch.empty(ref_logprobs.shape if need_ref else (1,), dtype=ref_logprobs.dtype, device=lp.device)
-    _kl_bwd_kernel[(rows, triton.cdiv(T, BLOCK_T))](
-        lp, ref, m, go, g_lp, g_ref,
-        T, lp.stride(0), lp.stride(1), ref.stride(0), ref.stride(1), m.stride(0), m.stride(1), go.stride(0), go.stride(1),
-        int(mask is not None), int(need_lp), int(need_ref),
-        KIND=kind, BLOCK=BLOCK_T, num_warps=NUM_WARPS,
-    )
+    with on_device(lp):
+        _kl_bwd_kernel[(rows, triton.cdiv(T, BLOCK_T))](
+            lp, ref, m, go, g_lp, g_ref,
+            T, lp.stride(0), lp.stride(1), ref.stride(0), ref.stride(1), m.stride(0), m.stride(1), go.stride(0), go.stride(1),
+            int(mask is not None), int(need_lp), int(need_ref),
+            KIND=kind, BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+        )
     return (g_lp if need_lp else None), (g_ref if need_ref else None)
 
 
@@ -170,6 +173,7 @@ class KLPenaltyFunction(torch.autograd.Function):
         return kl_fwd(logprobs, ref_logprobs, mask, kind)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises instead of going wrong
     def backward(ctx, grad_out):
         logprobs, ref_logprobs, mask = ctx.saved_tensors
         g_lp, g_ref = kl_bwd(grad_out, logprobs, ref_logprobs, mask, ctx.kind, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
@@ -199,10 +203,14 @@ def _specs():
             sig.update({k: "i32" for k in strides})
             sig.update({"has_mask": "i32", "KIND": "constexpr", "BLOCK": "constexpr"})
             specs.append(CompileSpec(_kl_fwd_kernel, sig, const, num_warps=NUM_WARPS, label=label))
+            if lp == ref:  # contiguous inputs of one dtype: vector loads
+                specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if lp == "fp32" else 16))
             sig = {"LP": f"*{lp}", "REF": f"*{ref}", "MASK": "*i1", "GOUT": "*fp32", "GLP": f"*{lp}", "GREF": f"*{ref}"}
             sig.update({k: "i32" for k in (*strides, "s_g_r", "s_g_t")})
             sig.update({"has_mask": "i32", "need_lp": "i32", "need_ref": "i32", "KIND": "constexpr", "BLOCK": "constexpr"})
             specs.append(CompileSpec(_kl_bwd_kernel, sig, const, num_warps=NUM_WARPS, label=label))
+            if lp == ref:
+                specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if lp == "fp32" else 16))
     return specs
 
 

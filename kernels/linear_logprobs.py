@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import INTERPRET, CompileSpec, jit
+from fastppo.kernels._jit import INTERPRET, CompileSpec, jit, on_device
 from fastppo.kernels._lse import online_lse_finish, online_lse_step
 from fastppo.kernels.linear_logprobs_bwd import _linear_dx_kernel, _linear_dz_kernel, _logits_tile, linear_backward
 
@@ -249,17 +249,19 @@ def linear_forward(hidden, weight, bias32, labels, inv_temp: float, ignore_index
     prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
     LAST_LAUNCH["fwd"] = dict(dataclasses.asdict(t), ENTROPY=entropy, HAS_BIAS=bias32 is not None, ALIGNED=aligned,
                               DOT_PRECISION=prec, splits=S, dtype=hidden.dtype)
-    _linear_lse_fwd_kernel[(triton.cdiv(N, t.BLOCK_N), S)](
-        hidden, weight, bias32 if bias32 is not None else lse, labels, part,
-        N, H, V, hidden.stride(0), weight.stride(0), split, inv_temp, ignore_index,
-        HAS_BIAS=bias32 is not None, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,
-        BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    _linear_lse_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
-        part, labels, lp, ent if entropy else lp, lse, N, S, ignore_index,
-        ENTROPY=entropy, BLOCK=COMBINE_BLOCK, num_warps=4,
-    )
+    with on_device(hidden):
+        _linear_lse_fwd_kernel[(triton.cdiv(N, t.BLOCK_N), S)](
+            hidden, weight, bias32 if bias32 is not None else lse, labels, part,
+            N, H, V, hidden.stride(0), weight.stride(0), split, inv_temp, ignore_index,
+            HAS_BIAS=bias32 is not None, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,
+            BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+    with on_device(part):
+        _linear_lse_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
+            part, labels, lp, ent if entropy else lp, lse, N, S, ignore_index,
+            ENTROPY=entropy, BLOCK=COMBINE_BLOCK, num_warps=4,
+        )
     return lp, ent, lse
 
 

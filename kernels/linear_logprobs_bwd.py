@@ -28,11 +28,13 @@ Every step is deterministic (no atomics) and exact (no gradient filtering). Tota
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import INTERPRET, jit
+from fastppo.kernels._jit import INTERPRET, jit, on_device
 
 # Triton's interpreter (3.9) multiplies bfloat16 dot operands as the uint16 it stores them in: under
 # the interpreter only, upcast them (exact: a bf16 x bf16 product fits float32, as on tensor cores).
@@ -196,6 +198,19 @@ def _linear_dx_kernel(
         tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
+@contextlib.contextmanager
+def _full_precision_reductions():
+    """cuBLAS may reduce the split-K partial sums of a bf16/fp16 matmul in 16 bits (PyTorch allows it by
+    default); the d weight product reduces over all N tokens, so ask for fp32 reductions while it runs."""
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
+    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
+
+
 def linear_backward(hidden, weight, bias32, labels, lse, ent, g_lp, g_ent, inv_temp: float, ignore_index: int,
                     need: tuple[bool, bool, bool], cfg, vocab_chunk: int, aligned: bool):
     """Gradients ``(d hidden [N, H], d weight [V, H], d bias [V] float32)`` (None where not needed).
@@ -229,27 +244,30 @@ def linear_backward(hidden, weight, bias32, labels, lse, ent, g_lp, g_ent, inv_t
     lo = torch.empty(N, H, dtype=torch.bfloat16, device=dev) if use_lo else None
     hi = None if dh is None else (dh.view(torch.bfloat16) if use_lo else dh)
 
-    for i, (v0, v1) in enumerate(chunks):
-        _linear_dz_kernel[(nbn, triton.cdiv(v1 - v0, tz.BLOCK_V))](
-            hidden, weight, bias32 if has_bias else lse, labels, lse, ent if entropy else lse,
-            g_lp, g_ent if entropy else g_lp, dz, db_part,
-            N, H, v0, v1, hidden.stride(0), weight.stride(0), Vc, inv_temp, ignore_index,
-            HAS_BIAS=has_bias, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,
-            BLOCK_N=tz.BLOCK_N, BLOCK_V=tz.BLOCK_V, BLOCK_H=tz.BLOCK_H,
-            num_warps=tz.num_warps, num_stages=tz.num_stages,
-        )
-        dz_c = dz[:, : v1 - v0]
-        if dw is not None:
-            torch.mm(dz_c.t(), hidden, out=dw[v0:v1])
-        if need_b:
-            torch.sum(db_part[:, : v1 - v0], dim=0, out=db[v0:v1])
-        if dh is not None:
-            _linear_dx_kernel[(triton.cdiv(N, tx.BLOCK_N), triton.cdiv(H, tx.BLOCK_H))](
-                dz_c, weight[v0:v1], dh, hi, lo if use_lo else hi, N, H, v1 - v0, Vc, weight.stride(0),
-                FIRST=i == 0, LAST=i == len(chunks) - 1, USE_LO=use_lo, ALIGNED=aligned, DOT_PRECISION=prec,
-                BLOCK_N=tx.BLOCK_N, BLOCK_V=tx.BLOCK_V, BLOCK_H=tx.BLOCK_H,
-                num_warps=tx.num_warps, num_stages=tx.num_stages,
+    # on the tensors' device (Triton launches on the current one); cuBLAS without reduced-precision
+    # split-K reductions, so that each d weight chunk is accumulated in fp32 and rounded once
+    with on_device(hidden), _full_precision_reductions():
+        for i, (v0, v1) in enumerate(chunks):
+            _linear_dz_kernel[(nbn, triton.cdiv(v1 - v0, tz.BLOCK_V))](
+                hidden, weight, bias32 if has_bias else lse, labels, lse, ent if entropy else lse,
+                g_lp, g_ent if entropy else g_lp, dz, db_part,
+                N, H, v0, v1, hidden.stride(0), weight.stride(0), Vc, inv_temp, ignore_index,
+                HAS_BIAS=has_bias, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,
+                BLOCK_N=tz.BLOCK_N, BLOCK_V=tz.BLOCK_V, BLOCK_H=tz.BLOCK_H,
+                num_warps=tz.num_warps, num_stages=tz.num_stages,
             )
+            dz_c = dz[:, : v1 - v0]
+            if dw is not None:
+                torch.mm(dz_c.t(), hidden, out=dw[v0:v1])
+            if need_b:
+                torch.sum(db_part[:, : v1 - v0], dim=0, out=db[v0:v1])
+            if dh is not None:
+                _linear_dx_kernel[(triton.cdiv(N, tx.BLOCK_N), triton.cdiv(H, tx.BLOCK_H))](
+                    dz_c, weight[v0:v1], dh, hi, lo if use_lo else hi, N, H, v1 - v0, Vc, weight.stride(0),
+                    FIRST=i == 0, LAST=i == len(chunks) - 1, USE_LO=use_lo, ALIGNED=aligned, DOT_PRECISION=prec,
+                    BLOCK_N=tx.BLOCK_N, BLOCK_V=tx.BLOCK_V, BLOCK_H=tx.BLOCK_H,
+                    num_warps=tx.num_warps, num_stages=tx.num_stages,
+                )
     if need_h and dh is None:  # H == 0
         dh = torch.empty(N, 0, dtype=cd, device=dev)
     return dh, dw, db

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import CompileSpec, jit
+from fastppo.kernels._jit import CompileSpec, jit, on_device
 from fastppo.kernels._lse import online_lse_finish, online_lse_step
 from fastppo.reference.logprobs import _overlapping, rows3d
 
@@ -157,12 +157,13 @@ def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, inv_temp: float, ig
     cfg = launch_config(V)
     grid = (triton.cdiv(N, cfg["ROWS"]),)
     LAST_LAUNCH["fwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype)
-    _logprobs_fwd_kernel[grid](
-        x3, labels, lp, ent if entropy else lp, lse,
-        N, T, x3.stride(0), x3.stride(1), V, inv_temp, ignore_index,
-        BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
-        num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
-    )
+    with on_device(x3):
+        _logprobs_fwd_kernel[grid](
+            x3, labels, lp, ent if entropy else lp, lse,
+            N, T, x3.stride(0), x3.stride(1), V, inv_temp, ignore_index,
+            BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
+            num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
+        )
     return lp, ent, lse
 
 
@@ -177,12 +178,13 @@ def logprobs_backward(x3, out3, labels, lse, ent, g_lp, g_ent, inv_temp: float, 
     cfg = launch_config(V)
     grid = (triton.cdiv(N, cfg["ROWS"]),)
     LAST_LAUNCH["bwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype, inplace=out3.data_ptr() == x3.data_ptr())
-    _logprobs_bwd_kernel[grid](
-        x3, out3, labels, lse, ent if entropy else lse, g_lp, g_ent if entropy else g_lp,
-        N, T, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), V, inv_temp, ignore_index,
-        BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
-        num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
-    )
+    with on_device(x3):
+        _logprobs_bwd_kernel[grid](
+            x3, out3, labels, lse, ent if entropy else lse, g_lp, g_ent if entropy else g_lp,
+            N, T, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), V, inv_temp, ignore_index,
+            BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
+            num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
+        )
 
 
 class LogprobsEntropyTriton(torch.autograd.Function):
@@ -215,6 +217,10 @@ class LogprobsEntropyTriton(torch.autograd.Function):
             out3 = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
             grad = out3.view(logits.shape)
         logprobs_backward(x3, out3, labels, lse, ent, g_lp, g_ent, 1.0 / temperature, ignore_index)
+        if out3 is x3:
+            # The kernel wrote through a raw pointer: bump the version counter, so that autograd raises
+            # (instead of silently using the gradient) if another op saved these logits for its backward.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None
 
 

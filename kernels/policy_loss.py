@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import CompileSpec, jit
+from fastppo.kernels._jit import CompileSpec, jit, on_device, streaming_spec
 
 # 512 tokens per program: 4 fp32 (16 bytes) per thread at 4 warps, so loads vectorise, and a
 # [64, 1024] batch still gives 128 programs to spread over the SMs. Fixed, independent of T.
@@ -63,10 +63,11 @@ def _policy_loss_fwd_kernel(
     in_row = cols < T
     c = cols.to(tl.int64)
     valid = tl.load(MASK + row * s_m_r + c * s_m_t, mask=in_row, other=0) != 0
-    # Masked positions are never read: a NaN/inf stored there cannot leak.
-    lp = tl.load(LP + row * s_lp_r + c * s_lp_t, mask=valid, other=0.0).to(tl.float32)
-    old = tl.load(OLD + row * s_old_r + c * s_old_t, mask=valid, other=0.0).to(tl.float32)
-    adv = tl.load(ADV + row * s_adv_r + c * s_adv_t, mask=valid, other=0.0).to(tl.float32)
+    # Loads masked by the row bound only (a mask that depends on data cannot be vectorised), then
+    # masked positions replaced by 0: a NaN/inf stored there cannot leak.
+    lp = tl.where(valid, tl.load(LP + row * s_lp_r + c * s_lp_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
+    old = tl.where(valid, tl.load(OLD + row * s_old_r + c * s_old_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
+    adv = tl.where(valid, tl.load(ADV + row * s_adv_r + c * s_adv_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
 
     d = lp - old
     log_ratio = tl.minimum(tl.maximum(d, -20.0), 20.0)
@@ -109,14 +110,15 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, *, ratio_low, rati
     n_tblocks = triton.cdiv(T, BLOCK_T)
     grad = torch.empty((rows, T) if store_grad else (1,), dtype=torch.float32, device=lp.device)
     part = torch.empty((rows, n_tblocks, N_PARTIAL), dtype=torch.float32, device=lp.device)
-    _policy_loss_fwd_kernel[(rows, n_tblocks)](
-        lp, old, adv, m, grad, part,
-        T, n_tblocks,
-        lp.stride(0), lp.stride(1), old.stride(0), old.stride(1), adv.stride(0), adv.stride(1), m.stride(0), m.stride(1),
-        float(ratio_low), float(ratio_high), float(dual_clip),
-        int(store_grad),
-        BLOCK=BLOCK_T, num_warps=NUM_WARPS,
-    )
+    with on_device(lp):
+        _policy_loss_fwd_kernel[(rows, n_tblocks)](
+            lp, old, adv, m, grad, part,
+            T, n_tblocks,
+            lp.stride(0), lp.stride(1), old.stride(0), old.stride(1), adv.stride(0), adv.stride(1), m.stride(0), m.stride(1),
+            float(ratio_low), float(ratio_high), float(dual_clip),
+            int(store_grad),
+            BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+        )
     return (grad if store_grad else None), part
 
 
@@ -197,6 +199,7 @@ class PolicyLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises instead of going wrong
     def backward(ctx, grad_loss, grad_stats):
         grad, w = ctx.saved_tensors
         return weighted_grad(grad, w, grad_loss, ctx.lp_shape, ctx.lp_dtype), None, None, None, None
@@ -234,6 +237,8 @@ def _specs():
                     _policy_loss_fwd_kernel, sig, {"BLOCK": BLOCK_T}, num_warps=NUM_WARPS,
                     label=f"lp={lp} old={old} adv={adv} BLOCK={BLOCK_T}",
                 ))
+                if lp == old == adv:  # contiguous inputs of one dtype: vector loads
+                    specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if lp == "fp32" else 16))
     return specs
 
 

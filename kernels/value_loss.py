@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import CompileSpec, jit
+from fastppo.kernels._jit import CompileSpec, jit, on_device, streaming_spec
 from fastppo.kernels.policy_loss import BLOCK_T, N_PARTIAL, NUM_WARPS, reduce_partials, weighted_grad
 
 # Block size and warps as the policy loss (same access pattern: three streams + a mask).
@@ -50,10 +50,12 @@ def _value_loss_fwd_kernel(
     c = cols.to(tl.int64)
     valid = tl.load(MASK + row * s_m_r + c * s_m_t, mask=in_row, other=0) != 0
     use_clip = tl.full((BLOCK,), has_clip, tl.int32) != 0  # a tensor: the interpreter needs one in a mask
-    # Masked positions are never read: a NaN/inf stored there cannot leak.
-    v = tl.load(V + row * s_v_r + c * s_v_t, mask=valid, other=0.0).to(tl.float32)
-    ret = tl.load(RET + row * s_ret_r + c * s_ret_t, mask=valid, other=0.0).to(tl.float32)
-    old = tl.load(OLD + row * s_old_r + c * s_old_t, mask=valid & use_clip, other=0.0).to(tl.float32)
+    # Loads masked by the row bound only (a mask that depends on data cannot be vectorised), then
+    # masked positions replaced by 0: a NaN/inf stored there cannot leak.
+    v = tl.where(valid, tl.load(V + row * s_v_r + c * s_v_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
+    ret = tl.where(valid, tl.load(RET + row * s_ret_r + c * s_ret_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
+    old = tl.load(OLD + row * s_old_r + c * s_old_t, mask=in_row & use_clip, other=0.0).to(tl.float32)
+    old = tl.where(valid & use_clip, old, 0.0)
 
     diff = v - ret
     err = diff * diff
@@ -86,13 +88,14 @@ def value_loss_fwd(values, old_values, returns, mask, *, clip, store_grad):
     n_tblocks = triton.cdiv(T, BLOCK_T)
     grad = torch.empty((rows, T) if store_grad else (1,), dtype=torch.float32, device=v.device)
     part = torch.empty((rows, n_tblocks, N_PARTIAL), dtype=torch.float32, device=v.device)
-    _value_loss_fwd_kernel[(rows, n_tblocks)](
-        v, old, ret, m, grad, part,
-        T, n_tblocks,
-        v.stride(0), v.stride(1), old.stride(0), old.stride(1), ret.stride(0), ret.stride(1), m.stride(0), m.stride(1),
-        0.0 if clip is None else float(clip), int(clip is not None), int(store_grad),
-        BLOCK=BLOCK_T, num_warps=NUM_WARPS,
-    )
+    with on_device(v):
+        _value_loss_fwd_kernel[(rows, n_tblocks)](
+            v, old, ret, m, grad, part,
+            T, n_tblocks,
+            v.stride(0), v.stride(1), old.stride(0), old.stride(1), ret.stride(0), ret.stride(1), m.stride(0), m.stride(1),
+            0.0 if clip is None else float(clip), int(clip is not None), int(store_grad),
+            BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+        )
     return (grad if store_grad else None), part
 
 
@@ -119,6 +122,7 @@ class ValueLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises instead of going wrong
     def backward(ctx, grad_loss, grad_stats):
         grad, w = ctx.saved_tensors
         return weighted_grad(grad, w, grad_loss, ctx.v_shape, ctx.v_dtype), None, None, None, None
@@ -154,6 +158,8 @@ def _specs():
                     _value_loss_fwd_kernel, sig, {"BLOCK": BLOCK_T}, num_warps=NUM_WARPS,
                     label=f"v={v} old={old} ret={ret} BLOCK={BLOCK_T}",
                 ))
+                if v == old == ret:  # contiguous inputs of one dtype: vector loads
+                    specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if v == "fp32" else 16))
     return specs
 
 

@@ -277,6 +277,21 @@ def test_inplace_backward_writes_into_logits(backend):
         assert K.LAST_LAUNCH["bwd"]["inplace"] is False
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_raises_when_logits_are_saved_elsewhere(backend):
+    # Another op saved the logits for its own backward: overwriting them with the gradient would make
+    # its gradient wrong. Autograd must raise (version counter), on both backends, never go on silently.
+    h = kernel_leaf(torch.randn(4, 8), backend)
+    w = to_kernel_device(torch.randn(30, 8), backend)
+    y = to_kernel_device(torch.randint(0, 30, (4,)), backend)
+    logits = h @ w.T
+    squared = (logits * logits).sum()  # MulBackward saves logits
+    with fastppo.use_backend(backend):
+        lp, _ = fastppo.logprobs_and_entropy(logits, y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + squared).backward()
+
+
 def test_expanded_logits_inplace_falls_back():
     # Rows that share memory (expand): writing in place would be wrong; a fresh buffer is used instead.
     row_cpu, y_cpu = torch.randn(1, 40), torch.tensor([1, 2, 3])

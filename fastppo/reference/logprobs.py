@@ -123,7 +123,9 @@ def _chunk_backward(z, labels, lse, ent, g_lp, g_ent, ignore_index: int, tempera
     else:
         dz = p.mul_(-g_lp)
     dz.scatter_add_(1, torch.where(valid, labels, 0)[:, None], g_lp)
-    if not bool(valid.all()):  # ignored rows: exactly 0 even if their logits are not finite
+    # Ignored rows: exactly 0 even if their logits are not finite. On the CPU, skip the pass when no row
+    # is ignored; on a GPU always do it (cheap there), as asking would wait for the device every chunk.
+    if dz.device.type != "cpu" or not bool(valid.all()):
         dz.masked_fill_(~valid[:, None], 0.0)
     return dz.div_(temperature) if temperature != 1.0 else dz
 
