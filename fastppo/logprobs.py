@@ -59,7 +59,9 @@ def logprobs_and_entropy(
             own buffer instead of a fresh ``[..., V]`` one. The logits' values are destroyed, so they
             must not be used after the backward (autograd raises if another op saved them for its
             own backward and runs after ours). Both backends honour it (an expanded tensor whose rows
-            share memory falls back to a fresh buffer).
+            share memory falls back to a fresh buffer). It saves memory only when ``logits`` is the
+            producer's whole output: for a slice such as ``logits[:, :-1]``, autograd's slice backward
+            allocates a full-size gradient anyway (slice the hidden states before the lm_head instead).
 
     Float64 logits (gradcheck, ground truths) always take the reference path: the kernel computes in
     float32. With the Triton backend, rows are bit-identical whatever else is in the batch.
