@@ -42,8 +42,15 @@ def online_lse_step(m, s, t, z, valid):
 
 @jit
 def online_lse_finish(m, s, t):
-    """(logsumexp, entropy) from the final state; rows with s == 0 (no column) give (-inf, 0)."""
+    """``(m, log s, entropy)`` from the final state, with ``lse = m + log s``.
+
+    The two parts are kept apart rather than summed into ``lse``: ``log p = (z - m) - log s`` is then
+    exact to a few ulp of ``log p`` itself, whereas ``z - lse`` carries the rounding of ``lse``, one ulp
+    of ``|lse|``; at a low temperature ``|lse|`` is in the hundreds, and that error, not cancelled by the
+    exactly computed entropy, dominated the entropy gradient. Rows with s == 0 (no finite column)
+    give (0, 0, 0): log p = z there (-inf for the -inf columns), never NaN.
+    """
     s_safe = tl.where(s > 0.0, s, 1.0)
-    lse = m + tl.log(s_safe)
-    ent = tl.log(s_safe) - t / s_safe
-    return lse, tl.where(s > 0.0, ent, 0.0)
+    log_s = tl.log(s_safe)
+    ent = log_s - t / s_safe
+    return tl.where(s > 0.0, m, 0.0), log_s, tl.where(s > 0.0, ent, 0.0)

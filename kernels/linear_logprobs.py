@@ -92,11 +92,12 @@ def _linear_lse_fwd_kernel(
 
 @jit
 def _linear_lse_combine_kernel(
-    Part, Labels, LP, ENT, LSE, N, num_s, ignore_index,
+    Part, Labels, LP, ENT, STATS, N, num_s, ignore_index,
     ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Merge the ``num_s`` partial states of each row; write logprob, entropy (ENTROPY) and the lse
-    the backward needs (0 on ignored rows, so that it stays finite)."""
+    """Merge the ``num_s`` partial states of each row; write logprob, entropy (ENTROPY) and the row
+    statistics the backward needs, ``STATS [2, N]``: max ``m`` then ``log s`` (0 on ignored rows, so
+    that it stays finite)."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     row_ok = rows < N
     m = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -118,11 +119,12 @@ def _linear_lse_combine_kernel(
         s = s * a + s_k * b
         m = m_new
         target += tl.load(p + 3 * num_s * N, mask=row_ok, other=0.0)
-    lse, ent = online_lse_finish(m, s, t)
+    m, log_s, ent = online_lse_finish(m, s, t)
     label = tl.load(Labels + rows, mask=row_ok, other=ignore_index)
     use = row_ok & (label != ignore_index)
-    tl.store(LP + rows, tl.where(use, target - lse, 0.0), mask=row_ok)
-    tl.store(LSE + rows, tl.where(use, lse, 0.0), mask=row_ok)
+    tl.store(LP + rows, tl.where(use, (target - m) - log_s, 0.0), mask=row_ok)  # see online_lse_finish
+    tl.store(STATS + rows, tl.where(use, m, 0.0), mask=row_ok)
+    tl.store(STATS + N + rows, tl.where(use, log_s, 0.0), mask=row_ok)
     if ENTROPY:
         tl.store(ENT + rows, tl.where(use, ent, 0.0), mask=row_ok)
 
@@ -163,8 +165,10 @@ GPU_CONFIGS = {
     ("16", False): LinearConfig(fwd=Tiles(64, 64, 32, 4, 2), dz=Tiles(64, 64, 32, 4, 2), dx=Tiles(64, 64, 32, 4, 2)),
     # float32 ("ieee" dot on CUDA cores, not the performance path): smaller tiles, 4-byte operands;
     # the FMA dot keeps both operand fragments in registers, hence 8 warps for the forward.
-    # (The forward at 3 stages puts 8 bytes on the stack on sm_80 with Triton 3.9; 2 are clean.)
-    ("32", True): LinearConfig(fwd=Tiles(32, 64, 32, 8, 2), dz=Tiles(64, 64, 32, 4, 3), dx=Tiles(64, 32, 64, 4, 3)),
+    # (The forward at 3 stages puts 8 bytes on the stack on sm_80 with Triton 3.9; 2 are clean. The
+    # d logits tile at 4 warps sits at 255 registers and spilled once the backward read the row max and
+    # log-sum apart; 8 warps halve the tile per thread: 152 registers on 3.9, 128 on 3.6.)
+    ("32", True): LinearConfig(fwd=Tiles(32, 64, 32, 8, 2), dz=Tiles(64, 64, 32, 8, 3), dx=Tiles(64, 32, 64, 4, 3)),
     # Unaligned forward at 4 warps, 1 stage: (8, 2) spills 16 bytes on Triton 3.6 (the GPU machines'),
     # (8, 1) spills 8 on Triton 3.9; (4, 1) is clean on both (168 registers).
     ("32", False): LinearConfig(fwd=Tiles(32, 64, 32, 4, 1), dz=Tiles(32, 64, 32, 8, 2), dx=Tiles(32, 64, 32, 4, 2)),
@@ -234,7 +238,8 @@ def vocab_chunk(N: int, V: int, H: int, t: Tiles, two_halves: bool) -> int:
 def linear_forward(hidden, weight, bias32, labels, inv_temp: float, ignore_index: int, entropy: bool,
                    cfg: LinearConfig, aligned: bool):
     """Launch the forward: hidden [N, H], weight [V, H] (one dtype, unit stride along H), bias32 [V]
-    float32 or None, labels [N] int64 contiguous. Returns ``(logprobs, entropy or None, lse)`` [N] float32."""
+    float32 or None, labels [N] int64 contiguous. Returns ``(logprobs [N], entropy [N] or None, stats [2, N])`` float32,
+    ``stats`` = per-row max and log-sum (``lse = stats[0] + stats[1]``)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -244,14 +249,14 @@ def linear_forward(hidden, weight, bias32, labels, inv_temp: float, ignore_index
     S = triton.cdiv(V, split)  # every split non-empty
     part = torch.empty(4, S, N, dtype=torch.float32, device=dev)
     lp = torch.empty(N, dtype=torch.float32, device=dev)
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    stats = torch.empty(2, N, dtype=torch.float32, device=dev)  # per row: max, then log-sum
     ent = torch.empty(N, dtype=torch.float32, device=dev) if entropy else None
     prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
     LAST_LAUNCH["fwd"] = dict(dataclasses.asdict(t), ENTROPY=entropy, HAS_BIAS=bias32 is not None, ALIGNED=aligned,
                               DOT_PRECISION=prec, splits=S, dtype=hidden.dtype)
     with on_device(hidden):
         _linear_lse_fwd_kernel[(triton.cdiv(N, t.BLOCK_N), S)](
-            hidden, weight, bias32 if bias32 is not None else lse, labels, part,
+            hidden, weight, bias32 if bias32 is not None else lp, labels, part,
             N, H, V, hidden.stride(0), weight.stride(0), split, inv_temp, ignore_index,
             HAS_BIAS=bias32 is not None, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,
             BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H,
@@ -259,10 +264,10 @@ def linear_forward(hidden, weight, bias32, labels, inv_temp: float, ignore_index
         )
     with on_device(part):
         _linear_lse_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
-            part, labels, lp, ent if entropy else lp, lse, N, S, ignore_index,
+            part, labels, lp, ent if entropy else lp, stats, N, S, ignore_index,
             ENTROPY=entropy, BLOCK=COMBINE_BLOCK, num_warps=4,
         )
-    return lp, ent, lse
+    return lp, ent, stats
 
 
 def _unit_h(x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +280,7 @@ class LinearLogprobsEntropyTriton(torch.autograd.Function):
     ignore_index, compute_entropy) -> (logprobs [N] float32, entropy [N] float32 or None).
 
     hidden/weight fp16/bf16/fp32 (two different dtypes compute in the promoted one, a converted copy);
-    saves them, the labels and per-row lse (and entropy): nothing of size N x V.
+    saves them, the labels and per-row max/log-sum (and entropy): nothing of size N x V.
     """
 
     @staticmethod
@@ -285,22 +290,22 @@ class LinearLogprobsEntropyTriton(torch.autograd.Function):
         h, w = _unit_h(hidden.to(cd)), _unit_h(weight.to(cd))
         b32 = None if bias is None else bias.to(torch.float32).contiguous()
         aligned = is_aligned(h, w)
-        lp, ent, lse = linear_forward(h, w, b32, labels, 1.0 / temperature, ignore_index, compute_entropy,
+        lp, ent, stats = linear_forward(h, w, b32, labels, 1.0 / temperature, ignore_index, compute_entropy,
                                       config_for(cd, aligned), aligned)
-        ctx.save_for_backward(h, w, b32, labels, lse, ent)
+        ctx.save_for_backward(h, w, b32, labels, stats, ent)
         ctx.options = (temperature, ignore_index, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return lp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_ent):
-        h, w, b32, labels, lse, ent = ctx.saved_tensors
+        h, w, b32, labels, stats, ent = ctx.saved_tensors
         temperature, ignore_index, h_dtype, w_dtype, b_dtype = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and b32 is not None
         if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
             return None, None, None, None, None, None, None
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_lp = torch.zeros_like(stats[0]) if g_lp is None else g_lp.float().contiguous()
         # Entropy not computed, or its output unused: the variant without the entropy term.
         use_ent = ent is not None and g_ent is not None
         g_ent = g_ent.float().contiguous() if use_ent else None
@@ -311,7 +316,7 @@ class LinearLogprobsEntropyTriton(torch.autograd.Function):
         vc = vocab_chunk(N, V, H, cfg.dz, two_halves=h.dtype != torch.float32)
         LAST_LAUNCH["bwd"] = dict(dataclasses.asdict(cfg.dz), ENTROPY=use_ent, HAS_BIAS=b32 is not None, ALIGNED=aligned,
                                   vocab_chunk=vc, chunks=triton.cdiv(V, vc), dtype=h.dtype)
-        dh, dw, db = linear_backward(h, w, b32, labels, lse, ent if use_ent else None, g_lp, g_ent,
+        dh, dw, db = linear_backward(h, w, b32, labels, stats, ent if use_ent else None, g_lp, g_ent,
                                      1.0 / temperature, ignore_index, (need_h, need_w, need_b), cfg, vc, aligned)
         dh = None if dh is None else dh.to(h_dtype)
         dw = None if dw is None else dw.to(w_dtype)
@@ -350,7 +355,7 @@ def _expect(dt: str, aligned: bool, sig: dict) -> dict:
 def _specs() -> list[CompileSpec]:
     fwd_sig = {"X": "", "W": "", "B": "*fp32", "Labels": "*i64", "Part": "*fp32", "N": "i32", "H": "i32", "V": "i32",
                "stride_xn": "i32", "stride_wv": "i32", "split_size": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
-    dz_sig = {"X": "", "W": "", "B": "*fp32", "Labels": "*i64", "LSE": "*fp32", "ENT": "*fp32", "G_LP": "*fp32",
+    dz_sig = {"X": "", "W": "", "B": "*fp32", "Labels": "*i64", "STATS": "*fp32", "ENT": "*fp32", "G_LP": "*fp32",
               "G_ENT": "*fp32", "DZ": "", "DB_Part": "*fp32", "N": "i32", "H": "i32", "v_start": "i32", "v_end": "i32",
               "stride_xn": "i32", "stride_wv": "i32", "stride_dz": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
     specs = []
@@ -382,7 +387,7 @@ def _specs() -> list[CompileSpec]:
                     **_expect(dt, aligned, dx_sig)))
     for ent in (True, False):
         specs.append(CompileSpec(_linear_lse_combine_kernel, {
-            "Part": "*fp32", "Labels": "*i64", "LP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
+            "Part": "*fp32", "Labels": "*i64", "LP": "*fp32", "ENT": "*fp32", "STATS": "*fp32",
             "N": "i32", "num_s": "i32", "ignore_index": "i32"},
             dict(ENTROPY=ent, BLOCK=COMBINE_BLOCK), 4, 3, f"ent={int(ent)}"))
     return specs

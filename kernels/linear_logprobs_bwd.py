@@ -1,7 +1,7 @@
 """Backward of the fused linear log-prob/entropy (:mod:`fastppo.kernels.linear_logprobs`), and the
 logits tile both directions recompute.
 
-With ``z = (hidden @ weight.T + bias) / T``, ``p = softmax(z)``, per-row ``lse`` and entropy ``Hn`` saved
+With ``z = (hidden @ weight.T + bias) / T``, ``p = softmax(z)``, per-row ``lse`` (as max + log-sum) and entropy ``Hn`` saved
 by the forward, and upstream gradients ``g_lp``, ``g_ent`` (zero on ignored rows):
 
     dz = g_lp * (onehot(y) - p) - g_ent * p * (log p + Hn),       dlogits = dz / T
@@ -104,7 +104,7 @@ def _logits_tile(
 
 @jit
 def _linear_dz_kernel(
-    X, W, B, Labels, LSE, ENT, G_LP, G_ENT, DZ, DB_Part,
+    X, W, B, Labels, STATS, ENT, G_LP, G_ENT, DZ, DB_Part,
     N, H, v_start, v_end, stride_xn, stride_wv, stride_dz, inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -124,11 +124,12 @@ def _linear_dz_kernel(
     dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     # A block of ignored rows (a prompt, padding) has dz = 0: skip its matmul (device-side branch).
     if tl.sum(use.to(tl.int32), axis=0) > 0:
-        lse = tl.load(LSE + rows, mask=use, other=0.0)
+        m = tl.load(STATS + rows, mask=use, other=0.0)  # [2, N]: row max, then log s
+        log_s = tl.load(STATS + N + rows, mask=use, other=0.0)
         g_lp = tl.load(G_LP + rows, mask=use, other=0.0)
         z = _logits_tile(X, W, B, rows, row_ok, v0, col_ok, H, stride_xn, stride_wv, inv_temp,
                          HAS_BIAS, ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        logp = z - lse[:, None]
+        logp = (z - m[:, None]) - log_s[:, None]  # not z - lse: see _lse.online_lse_finish
         p = tl.exp(logp)
         hit = tl.arange(0, BLOCK_V)[None, :] == (label - v0).to(tl.int32)[:, None]  # int32: see the forward
         dz = tl.where(hit, g_lp[:, None], 0.0) - p * g_lp[:, None]
@@ -211,12 +212,12 @@ def _full_precision_reductions():
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
-def linear_backward(hidden, weight, bias32, labels, lse, ent, g_lp, g_ent, inv_temp: float, ignore_index: int,
+def linear_backward(hidden, weight, bias32, labels, stats, ent, g_lp, g_ent, inv_temp: float, ignore_index: int,
                     need: tuple[bool, bool, bool], cfg, vocab_chunk: int, aligned: bool):
     """Gradients ``(d hidden [N, H], d weight [V, H], d bias [V] float32)`` (None where not needed).
 
     hidden [N, H], weight [V, H]: one dtype (the compute dtype), unit stride along H. bias32: [V]
-    float32 or None. lse, g_lp [N] float32; ent, g_ent [N] float32 or None (the variant without
+    float32 or None. stats [2, N] float32 (row max, log-sum), g_lp [N] float32; ent, g_ent [N] float32 or None (the variant without
     entropy). cfg: the ``LinearConfig`` (its ``dz`` and ``dx`` tiles); vocab_chunk: Vc, a multiple of
     ``cfg.dz.BLOCK_V`` (and so of ``cfg.dx.BLOCK_V``); aligned: hidden/weight pass ``is_aligned``.
     d hidden/d weight come in the compute dtype.
@@ -239,7 +240,7 @@ def linear_backward(hidden, weight, bias32, labels, lse, ent, g_lp, g_ent, inv_t
     dw = torch.empty(V, H, dtype=cd, device=dev) if need_w else None
     db = torch.empty(V, dtype=torch.float32, device=dev) if need_b else None
     has_bias = bias32 is not None  # added to the recomputed logits even when bias needs no gradient
-    db_part = torch.empty(nbn, Vc, dtype=torch.float32, device=dev) if has_bias else lse  # [nbn, Vc]: row stride Vc
+    db_part = torch.empty(nbn, Vc, dtype=torch.float32, device=dev) if has_bias else g_lp  # [nbn, Vc]: row stride Vc
     use_lo = dh is not None and cd != torch.float32 and len(chunks) > 1
     lo = torch.empty(N, H, dtype=torch.bfloat16, device=dev) if use_lo else None
     hi = None if dh is None else (dh.view(torch.bfloat16) if use_lo else dh)
@@ -249,7 +250,7 @@ def linear_backward(hidden, weight, bias32, labels, lse, ent, g_lp, g_ent, inv_t
     with on_device(hidden), _full_precision_reductions():
         for i, (v0, v1) in enumerate(chunks):
             _linear_dz_kernel[(nbn, triton.cdiv(v1 - v0, tz.BLOCK_V))](
-                hidden, weight, bias32 if has_bias else lse, labels, lse, ent if entropy else lse,
+                hidden, weight, bias32 if has_bias else g_lp, labels, stats, ent if entropy else g_lp,
                 g_lp, g_ent if entropy else g_lp, dz, db_part,
                 N, H, v0, v1, hidden.stride(0), weight.stride(0), Vc, inv_temp, ignore_index,
                 HAS_BIAS=has_bias, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,

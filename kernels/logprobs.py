@@ -6,8 +6,8 @@ then one scalar load of the label's logit:
 
     logprob = z[y] - lse,     entropy = -sum p log p          (0 for rows with y == ignore_index)
 
-It saves only per-row ``lse`` (and ``entropy``), never the probabilities. Backward recomputes
-``p = exp(z - lse)`` block by block and writes, in the logits' dtype,
+It saves only per-row statistics (the max ``m`` and ``log s`` with ``lse = m + log s``, and the
+entropy), never the probabilities. Backward recomputes ``p = exp((z - m) - log s)`` block by block and writes, in the logits' dtype,
 
     dx = (g_lp * (onehot(y) - p) - g_ent * p * (log p + H)) / T
 
@@ -42,7 +42,7 @@ from fastppo.reference.logprobs import _overlapping, rows3d
 
 @jit
 def _logprobs_fwd_kernel(
-    X, Labels, LP, ENT, LSE,
+    X, Labels, LP, ENT, STATS,
     N, T_inner, stride_o, stride_i, V, inv_temp, ignore_index,
     BLOCK_V: tl.constexpr, ROWS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
 ):
@@ -72,20 +72,21 @@ def _logprobs_fwd_kernel(
             e = tl.exp(z - m_ref[:, None])  # exp(-inf) = 0 for padding and banned tokens
             s = s * tl.exp(m - m_ref) + tl.sum(e, axis=1)
             m = m_new
-    lse, ent = online_lse_finish(m, s, t)
+    m, log_s, ent = online_lse_finish(m, s, t)
 
     label = tl.load(Labels + rows, mask=row_ok, other=ignore_index)
     use = row_ok & (label != ignore_index)
     target = tl.load(X + base + tl.where(use, label, 0), mask=use, other=0.0).to(tl.float32) * inv_temp
-    tl.store(LP + rows, tl.where(use, target - lse, 0.0), mask=row_ok)
-    tl.store(LSE + rows, lse, mask=row_ok)
+    tl.store(LP + rows, tl.where(use, (target - m) - log_s, 0.0), mask=row_ok)
+    tl.store(STATS + rows, m, mask=row_ok)  # [2, N]: the row max, then log s (lse = m + log s)
+    tl.store(STATS + N + rows, log_s, mask=row_ok)
     if COMPUTE_ENTROPY:
         tl.store(ENT + rows, tl.where(use, ent, 0.0), mask=row_ok)
 
 
 @jit
 def _logprobs_bwd_kernel(
-    X, DX, Labels, LSE, ENT, G_LP, G_ENT,
+    X, DX, Labels, STATS, ENT, G_LP, G_ENT,
     N, T_inner, stride_o, stride_i, dstride_o, dstride_i, V, inv_temp, ignore_index,
     BLOCK_V: tl.constexpr, ROWS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
 ):
@@ -99,7 +100,8 @@ def _logprobs_bwd_kernel(
 
     label = tl.load(Labels + rows, mask=row_ok, other=ignore_index)
     use = row_ok & (label != ignore_index)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    m = tl.load(STATS + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(STATS + N + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(G_LP + rows, mask=use, other=0.0)
     if COMPUTE_ENTROPY:
         ent = tl.load(ENT + rows, mask=use, other=0.0)
@@ -109,7 +111,7 @@ def _logprobs_bwd_kernel(
         valid = row_ok[:, None] & (c < V)[None, :]
         # -inf past the vocabulary: p = 0 there, so nothing large is computed in the padding lanes.
         x = tl.load(X + base[:, None] + c[None, :], mask=valid, other=float("-inf"))
-        logp = x.to(tl.float32) * inv_temp - lse[:, None]
+        logp = (x.to(tl.float32) * inv_temp - m[:, None]) - log_s[:, None]  # see online_lse_finish
         p = tl.exp(logp)
         dz = tl.where(c[None, :] == label[:, None], g_lp[:, None], 0.0) - p * g_lp[:, None]
         if COMPUTE_ENTROPY:
@@ -147,30 +149,32 @@ LAST_LAUNCH: dict[str, dict] = {}
 def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int, entropy: bool):
     """Launch the forward on ``x3 [O, T, V]`` (unit column stride), ``labels [N]`` int64 contiguous.
 
-    Returns ``(logprobs [N], entropy [N] or None, lse [N])``, float32.
+    Returns ``(logprobs [N], entropy [N] or None, stats [2, N])``, float32; ``stats`` holds each row's
+    max and log-sum (``lse = stats[0] + stats[1]``), what the backward needs.
     """
     O, T, V = x3.shape
     N = O * T
     lp = torch.empty(N, dtype=torch.float32, device=x3.device)
-    lse = torch.empty(N, dtype=torch.float32, device=x3.device)
+    stats = torch.empty(2, N, dtype=torch.float32, device=x3.device)
     ent = torch.empty(N, dtype=torch.float32, device=x3.device) if entropy else None
     cfg = launch_config(V)
     grid = (triton.cdiv(N, cfg["ROWS"]),)
     LAST_LAUNCH["fwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype)
     with on_device(x3):
         _logprobs_fwd_kernel[grid](
-            x3, labels, lp, ent if entropy else lp, lse,
+            x3, labels, lp, ent if entropy else lp, stats,
             N, T, x3.stride(0), x3.stride(1), V, inv_temp, ignore_index,
             BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
             num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
         )
-    return lp, ent, lse
+    return lp, ent, stats
 
 
-def logprobs_backward(x3, out3, labels, lse, ent, g_lp, g_ent, inv_temp: float, ignore_index: int):
+def logprobs_backward(x3, out3, labels, stats, ent, g_lp, g_ent, inv_temp: float, ignore_index: int):
     """Launch the backward: reads ``x3 [O, T, V]``, writes ``out3`` (same shape; may be ``x3`` itself).
 
-    ``ent``/``g_ent`` are None for the variant without entropy; the others are ``[N]`` float32 contiguous.
+    ``ent``/``g_ent`` are None for the variant without entropy; ``stats`` is the forward's ``[2, N]``,
+    the others are ``[N]`` float32 contiguous.
     """
     O, T, V = x3.shape
     N = O * T
@@ -180,7 +184,7 @@ def logprobs_backward(x3, out3, labels, lse, ent, g_lp, g_ent, inv_temp: float, 
     LAST_LAUNCH["bwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype, inplace=out3.data_ptr() == x3.data_ptr())
     with on_device(x3):
         _logprobs_bwd_kernel[grid](
-            x3, out3, labels, lse, ent if entropy else lse, g_lp, g_ent if entropy else g_lp,
+            x3, out3, labels, stats, ent if entropy else g_lp, g_lp, g_ent if entropy else g_lp,
             N, T, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), V, inv_temp, ignore_index,
             BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
             num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
@@ -194,19 +198,19 @@ class LogprobsEntropyTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature: float, ignore_index: int, compute_entropy: bool, inplace_backward: bool):
         x3 = rows3d(logits)
-        lp, ent, lse = logprobs_forward(x3, labels, 1.0 / temperature, ignore_index, compute_entropy)
+        lp, ent, stats = logprobs_forward(x3, labels, 1.0 / temperature, ignore_index, compute_entropy)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
-        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.save_for_backward(logits, labels, stats, ent)
         ctx.options = (temperature, ignore_index, inplace_backward)
         return lp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
+        logits, labels, stats, ent = ctx.saved_tensors
         temperature, ignore_index, inplace = ctx.options
         x3 = rows3d(logits)
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_lp = torch.zeros_like(stats[0]) if g_lp is None else g_lp.float().contiguous()
         if g_ent is None:  # entropy not computed, or not part of the loss: the variant without it
             ent = None
         else:
@@ -216,7 +220,7 @@ class LogprobsEntropyTriton(torch.autograd.Function):
         else:
             out3 = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
             grad = out3.view(logits.shape)
-        logprobs_backward(x3, out3, labels, lse, ent, g_lp, g_ent, 1.0 / temperature, ignore_index)
+        logprobs_backward(x3, out3, labels, stats, ent, g_lp, g_ent, 1.0 / temperature, ignore_index)
         if out3 is x3:
             # The kernel wrote through a raw pointer: bump the version counter, so that autograd raises
             # (instead of silently using the gradient) if another op saved these logits for its backward.
@@ -242,10 +246,10 @@ def _specs() -> list[CompileSpec]:
             for ent in (True, False):
                 const = {"BLOCK_V": block, "ROWS": cfg["ROWS"], "COMPUTE_ENTROPY": ent}
                 label = f"{dt} BLOCK_V={block} ROWS={cfg['ROWS']} ent={int(ent)}"
-                fwd_sig = {"X": f"*{dt}", "Labels": "*i64", "LP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
+                fwd_sig = {"X": f"*{dt}", "Labels": "*i64", "LP": "*fp32", "ENT": "*fp32", "STATS": "*fp32",
                            "N": "i32", "T_inner": "i32", "stride_o": "i32", "stride_i": "i32", "V": "i32",
                            "inv_temp": "fp32", "ignore_index": "i32"}
-                bwd_sig = {"X": f"*{dt}", "DX": f"*{dt}", "Labels": "*i64", "LSE": "*fp32", "ENT": "*fp32",
+                bwd_sig = {"X": f"*{dt}", "DX": f"*{dt}", "Labels": "*i64", "STATS": "*fp32", "ENT": "*fp32",
                            "G_LP": "*fp32", "G_ENT": "*fp32", "N": "i32", "T_inner": "i32", "stride_o": "i32",
                            "stride_i": "i32", "dstride_o": "i32", "dstride_i": "i32", "V": "i32",
                            "inv_temp": "fp32", "ignore_index": "i32"}

@@ -89,6 +89,15 @@ def check(hidden, weight, bias, y, *, view=lambda t: t, temperature=1.0, ignore_
     return lp, ent, leaves["ours"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_temperature_large_logits(dtype):
+    # |lse| in the hundreds: log p must be (z - m) - log s in the backward, not z - lse (see _lse.py).
+    torch.manual_seed(0)
+    hidden, weight, b, y = make(64, 64, 1000, dtype)
+    check(hidden * 10, weight, b, y, temperature=0.05, use=("ent",))
+    check(hidden * 10, weight, b, y, temperature=0.05)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_fp64(dtype, bias):

@@ -92,29 +92,39 @@ def _load_chunk(view: torch.Tensor, temperature: float, dtype: torch.dtype) -> t
 
 
 def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, entropy: bool):
-    """(logprob, lse, entropy or None) of each row of ``z [R, V]`` (already divided by T, owned: modified)."""
+    """(logprob, stats, entropy or None) of each row of ``z [R, V]`` (already divided by T, owned: modified).
+
+    ``stats [2, R]`` holds each row's max ``m`` and ``log s = logsumexp(z - m)`` (``lse = m + log s``):
+    log p is computed as ``(z - m) - log s``, never ``z - lse``, whose rounding (an ulp of ``|lse|``,
+    large at low temperatures) would pass into every log p and the entropy.
+    """
     valid = labels != ignore_index
+    m = z.amax(dim=1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of -inf: no -inf - (-inf)
+    z.sub_(m[:, None])  # z is ours: it becomes z - m
+    log_s = torch.logsumexp(z, dim=1)
     target = z.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
-    lse = torch.logsumexp(z, dim=1)
     zero = z.new_zeros(())
-    lp = torch.where(valid, target - lse, zero)
+    lp = torch.where(valid, target - log_s, zero)
+    stats = torch.stack((m, log_s))
     if not entropy:
-        return lp, lse, None
-    logp = z.sub_(lse[:, None])  # z is ours: its memory becomes log p
+        return lp, stats, None
+    logp = z.sub_(log_s[:, None])  # its memory becomes log p
     p = logp.exp()
     ent = -p.mul_(logp.clamp_(min=_LOGP_FLOOR)).sum(1)  # p is ours too: no third [R, V] buffer
-    return lp, lse, torch.where(valid, ent, zero)
+    return lp, stats, torch.where(valid, ent, zero)
 
 
-def _chunk_backward(z, labels, lse, ent, g_lp, g_ent, ignore_index: int, temperature: float):
-    """``dz / T`` for a chunk ``z [R, V]`` (already divided by T, owned: its memory is reused).
+def _chunk_backward(z, labels, stats, ent, g_lp, g_ent, ignore_index: int, temperature: float):
+    """``dz / T`` for a chunk ``z [R, V]`` (already divided by T, owned: its memory is reused), with the
+    chunk's ``stats [2, R]`` from :func:`_chunk_forward`.
 
     ``dz = g_lp * onehot - p * (g_lp + g_ent * (log p + H))``, built in place in two ``[R, V]`` buffers.
     """
     valid = labels != ignore_index
     zero = z.new_zeros(())
     g_lp = torch.where(valid, g_lp, zero)[:, None]
-    logp = z.sub_(lse[:, None])
+    logp = z.sub_(stats[0][:, None]).sub_(stats[1][:, None])
     p = logp.exp()
     if g_ent is not None:
         g_ent = torch.where(valid, g_ent, zero)[:, None]
@@ -135,7 +145,7 @@ class LogprobsEntropyTorch(torch.autograd.Function):
 
     forward(logits [..., V] viewable by :func:`rows3d`, labels [N] int64, temperature, ignore_index,
     compute_entropy, inplace_backward) -> (logprobs [N], entropy [N] or None), float32 (float64 for
-    float64 logits). Saves the logits reference and per-row lse (and entropy) only.
+    float64 logits). Saves the logits reference and per-row max / log-sum (and entropy) only.
     """
 
     @staticmethod
@@ -145,29 +155,29 @@ class LogprobsEntropyTorch(torch.autograd.Function):
         cd = result_dtype(logits)
         N = labels.numel()
         lp = torch.empty(N, dtype=cd, device=logits.device)
-        lse = torch.empty(N, dtype=cd, device=logits.device)
+        stats = torch.empty(2, N, dtype=cd, device=logits.device)
         ent = torch.empty(N, dtype=cd, device=logits.device) if compute_entropy else None
         for r0, r1, view in _row_chunks(x3, chunk_rows(V, cd)):
             z = _load_chunk(view, temperature, cd)
-            lp_c, lse_c, ent_c = _chunk_forward(z, labels[r0:r1], ignore_index, compute_entropy)
-            lp[r0:r1], lse[r0:r1] = lp_c, lse_c
+            lp_c, stats_c, ent_c = _chunk_forward(z, labels[r0:r1], ignore_index, compute_entropy)
+            lp[r0:r1], stats[:, r0:r1] = lp_c, stats_c
             if compute_entropy:
                 ent[r0:r1] = ent_c
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its work
-        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.save_for_backward(logits, labels, stats, ent)
         ctx.options = (temperature, ignore_index, compute_entropy, inplace_backward)
         return lp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
+        logits, labels, stats, ent = ctx.saved_tensors
         temperature, ignore_index, compute_entropy, inplace = ctx.options
-        cd = lse.dtype
+        cd = stats.dtype
         x3 = rows3d(logits)
         V = logits.shape[-1]
         if g_lp is None:
-            g_lp = torch.zeros_like(lse)
+            g_lp = torch.zeros_like(stats[0])
         g_lp = g_lp.to(cd)
         g_ent = g_ent.to(cd) if (compute_entropy and g_ent is not None) else None
         if inplace and not _overlapping(x3):
@@ -178,7 +188,7 @@ class LogprobsEntropyTorch(torch.autograd.Function):
         for (r0, r1, view), (_, _, out) in zip(_row_chunks(x3, chunk_rows(V, cd)), _row_chunks(out3, chunk_rows(V, cd))):
             z = _load_chunk(view, temperature, cd)
             gs = None if g_ent is None else g_ent[r0:r1]
-            dz = _chunk_backward(z, labels[r0:r1], lse[r0:r1], None if ent is None else ent[r0:r1], g_lp[r0:r1], gs, ignore_index, temperature)
+            dz = _chunk_backward(z, labels[r0:r1], stats[:, r0:r1], None if ent is None else ent[r0:r1], g_lp[r0:r1], gs, ignore_index, temperature)
             out.copy_(dz.view(out.shape))
         return grad, None, None, None, None, None
 
@@ -222,32 +232,32 @@ class LinearLogprobsEntropyTorch(torch.autograd.Function):
         w = weight.to(cd)
         b = None if bias is None else bias.to(cd)
         lp = hidden.new_empty(N, dtype=cd)
-        lse = hidden.new_empty(N, dtype=cd)
+        stats = hidden.new_empty(2, N, dtype=cd)
         ent = hidden.new_empty(N, dtype=cd) if compute_entropy else None
         step = chunk_rows(V, cd)
         for r0 in range(0, N, step):
             r1 = min(N, r0 + step)
             z = _linear_chunk(hidden[r0:r1].to(cd), w, b, temperature)
-            lp_c, lse_c, ent_c = _chunk_forward(z, labels[r0:r1], ignore_index, compute_entropy)
-            lp[r0:r1], lse[r0:r1] = lp_c, lse_c
+            lp_c, stats_c, ent_c = _chunk_forward(z, labels[r0:r1], ignore_index, compute_entropy)
+            lp[r0:r1], stats[:, r0:r1] = lp_c, stats_c
             if compute_entropy:
                 ent[r0:r1] = ent_c
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its work
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats, ent)
         ctx.options = (temperature, ignore_index, compute_entropy)
         return lp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, labels, stats, ent = ctx.saved_tensors
         temperature, ignore_index, compute_entropy = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        cd = lse.dtype
+        cd = stats.dtype
         N, V = hidden.shape[0], weight.shape[0]
         w = weight.to(cd)
         b = None if bias is None else bias.to(cd)
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(cd)
+        g_lp = torch.zeros_like(stats[0]) if g_lp is None else g_lp.to(cd)
         g_ent = g_ent.to(cd) if (compute_entropy and g_ent is not None) else None
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
@@ -258,7 +268,7 @@ class LinearLogprobsEntropyTorch(torch.autograd.Function):
             h = hidden[r0:r1].to(cd)
             z = _linear_chunk(h, w, b, temperature)
             gs = None if g_ent is None else g_ent[r0:r1]
-            dz = _chunk_backward(z, labels[r0:r1], lse[r0:r1], None if ent is None else ent[r0:r1], g_lp[r0:r1], gs, ignore_index, temperature)
+            dz = _chunk_backward(z, labels[r0:r1], stats[:, r0:r1], None if ent is None else ent[r0:r1], g_lp[r0:r1], gs, ignore_index, temperature)
             if dh is not None:
                 dh[r0:r1] = dz @ w
             if dw is not None:
