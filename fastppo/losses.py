@@ -117,6 +117,10 @@ def policy_loss(
         stats: dict of 0-dim float32 tensors without grad, over valid tokens: ``clip_frac`` (clipped
             term strictly larger), ``clip_frac_lower`` (dual clip active), ``approx_kl`` (mean of
             ``(ratio - 1) - log ratio``), ``ratio_max``, ``ratio_min`` (1.0 when no token is valid).
+
+    The gradient comes back in ``logprobs``' dtype: with float16 log-probs, a token whose
+    ``|A| * ratio * weight`` exceeds 65504 gets an infinite gradient (as torch's own float16 would);
+    pass float32 log-probs when advantages or ratios can be that large.
     """
     mask = _check_tokens({"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages}, mask)
     _check_number("clip_low", clip_low, gt=0.0, lt=1.0)
