@@ -85,6 +85,8 @@ def check_eos(eos_token_id, vocab: int) -> list[int]:
     if eos_token_id is None:
         return []
     single = isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
+    if not single and not isinstance(eos_token_id, (list, tuple)):
+        raise TypeError(f"eos_token_id must be an int, a list/tuple of ints or None, got {type(eos_token_id).__name__}")
     eos = [eos_token_id] if single else list(eos_token_id)
     if len(eos) > MAX_EOS:
         raise ValueError(f"eos_token_id: at most {MAX_EOS} ids are supported, got {len(eos)}")

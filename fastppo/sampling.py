@@ -30,7 +30,9 @@ def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    remove = (mass_before >= top_p) & (ranks > 0)
+    # top_p == 1 is "off": in float32 the running mass reaches 1 before the last ranks, and without
+    # this term the far tail would be cut (thousands of tokens at V = 152k). A tensor test: no host sync.
+    remove = (mass_before >= top_p) & (ranks > 0) & (top_p < 1)
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
 

@@ -201,6 +201,8 @@ def test_errors(models):
         (dict(max_new_tokens=2, top_k=-1), "top_k must be >= 0"),
         (dict(max_new_tokens=2, eos_token_id=list(range(9))), "at most 8"),
         (dict(max_new_tokens=2, eos_token_id=500), r"eos_token_id must lie in \[0, 128\)"),
+        (dict(max_new_tokens=2, eos_token_id=1.0), "eos_token_id must be an int, a list"),
+        (dict(max_new_tokens=2, eos_token_id=torch.tensor(1)), "eos_token_id must be an int, a list"),
         (dict(max_new_tokens=2, pad_token_id=-1), "pad_token_id must lie in"),
         (dict(max_new_tokens=2, generator=0), "generator must be a torch.Generator"),
     ]:
