@@ -77,13 +77,15 @@ class CompileSpec:
     tensor_cores: bool = False
 
 
-def streaming_spec(spec: CompileSpec, block: int, num_warps: int, elem_bits: int) -> CompileSpec:
-    """The run-time specialization of an elementwise ``[rows, T]`` kernel on contiguous inputs: unit
-    column strides (``s_*_t``, constants 1), row strides and ``T`` multiples of 16, aligned pointers.
-    Each thread then holds ``block / (32 * num_warps)`` consecutive elements and must load them with
-    one vector load (up to 16 bytes)."""
+def streaming_spec(spec: CompileSpec, block: int, num_warps: int, dtype: str) -> CompileSpec:
+    """The run-time specialization of an elementwise ``[rows, T]`` kernel on contiguous ``dtype``
+    (``"fp32"``, ``"bf16"``, ``"fp16"``) inputs: unit column strides (``s_*_t``, constants 1), row
+    strides and ``T`` multiples of 16, aligned pointers. Each thread then holds
+    ``block / (32 * num_warps)`` consecutive elements and must load them with one vector load (up to
+    16 bytes)."""
+    elem_bits = 32 if dtype == "fp32" else 16
     ints = [n for n, ty in spec.signature.items() if ty == "i32"]
     ones = tuple(n for n in ints if n.startswith("s_") and n.endswith("_t"))
     rows = tuple(n for n in ints if n == "T" or (n.startswith("s_") and n.endswith("_r")))
     bits = min(128, block // (32 * num_warps) * elem_bits)
-    return dataclasses.replace(spec, label=spec.label, divisible=rows, ones=ones, min_load_bits=bits)
+    return dataclasses.replace(spec, divisible=rows, ones=ones, min_load_bits=bits)

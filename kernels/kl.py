@@ -214,13 +214,13 @@ def _specs():
             sig.update({"has_mask": "i32", "KIND": "constexpr", "BLOCK": "constexpr"})
             specs.append(CompileSpec(_kl_fwd_kernel, sig, const, num_warps=NUM_WARPS, label=label))
             if lp == ref:  # contiguous inputs of one dtype: vector loads
-                specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if lp == "fp32" else 16))
+                specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, lp))
             sig = {"LP": f"*{lp}", "REF": f"*{ref}", "MASK": "*i1", "GOUT": "*fp32", "GLP": f"*{lp}", "GREF": f"*{ref}"}
             sig.update({k: "i32" for k in (*strides, "s_g_r", "s_g_t")})
             sig.update({"has_mask": "i32", "need_lp": "i32", "need_ref": "i32", "KIND": "constexpr", "BLOCK": "constexpr"})
             specs.append(CompileSpec(_kl_bwd_kernel, sig, const, num_warps=NUM_WARPS, label=label))
             if lp == ref:
-                specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if lp == "fp32" else 16))
+                specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, lp))
     return specs
 
 

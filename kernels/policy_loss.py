@@ -223,25 +223,34 @@ def policy_loss_triton(logprobs, old_logprobs, advantages, mask, *, clip_low, cl
     return loss, dict(zip(STAT_NAMES, stats.unbind()))
 
 
-def _specs():
+def loss_kernel_specs(kernel, inputs: tuple[str, str, str], scalars: dict) -> list[CompileSpec]:
+    """Every dtype combination the policy/value launchers can pick for ``kernel``: the first of the
+    three float ``inputs`` (pointer names, e.g. ``("LP", "OLD", "ADV")``; stride arguments
+    ``s_<name>_r/_t`` in lower case) fp32/bf16/fp16, the other two in its dtype or fp32; a bool mask,
+    fp32 GRAD and PART; then the runtime ``scalars`` (name -> type). Combinations of one dtype are
+    also compiled in their contiguous run-time specialization (vector loads)."""
     specs = []
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    for lp in names.values():
-        others = ["fp32"] if lp == "fp32" else [lp, "fp32"]
-        for old in others:
-            for adv in others:
-                sig = {"LP": f"*{lp}", "OLD": f"*{old}", "ADV": f"*{adv}", "MASK": "*i1", "GRAD": "*fp32", "PART": "*fp32"}
-                sig.update({k: "i32" for k in ("T", "n_tblocks", "s_lp_r", "s_lp_t", "s_old_r", "s_old_t", "s_adv_r", "s_adv_t", "s_m_r", "s_m_t")})
-                sig.update({"ratio_low": "fp32", "ratio_high": "fp32", "dual_clip": "fp32", "store_grad": "i32", "BLOCK": "constexpr"})
-                specs.append(CompileSpec(
-                    _policy_loss_fwd_kernel, sig, {"BLOCK": BLOCK_T}, num_warps=NUM_WARPS,
-                    label=f"lp={lp} old={old} adv={adv} BLOCK={BLOCK_T}",
-                ))
-                if lp == old == adv:  # contiguous inputs of one dtype: vector loads
-                    specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if lp == "fp32" else 16))
+    lower = [n.lower() for n in inputs]
+    strides = [f"s_{n}_{x}" for n in (*lower, "m") for x in ("r", "t")]
+    for first in ("fp32", "bf16", "fp16"):
+        others = ["fp32"] if first == "fp32" else [first, "fp32"]
+        for second in others:
+            for third in others:
+                dts = (first, second, third)
+                sig = {name: f"*{dt}" for name, dt in zip(inputs, dts)}
+                sig.update({"MASK": "*i1", "GRAD": "*fp32", "PART": "*fp32", "T": "i32", "n_tblocks": "i32"})
+                sig.update({k: "i32" for k in strides})
+                sig.update(scalars)
+                sig["BLOCK"] = "constexpr"
+                label = " ".join(f"{n}={dt}" for n, dt in zip(lower, dts)) + f" BLOCK={BLOCK_T}"
+                specs.append(CompileSpec(kernel, sig, {"BLOCK": BLOCK_T}, num_warps=NUM_WARPS, label=label))
+                if first == second == third:  # contiguous inputs of one dtype: vector loads
+                    specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, first))
     return specs
 
 
 # Every (dtype combination, block size) the launcher can pick: logprobs fp32/bf16/fp16, the two
 # constant inputs either in logprobs' dtype or fp32; one block size. compile_check compiles these.
-COMPILE_SPECS = _specs()
+COMPILE_SPECS = loss_kernel_specs(
+    _policy_loss_fwd_kernel, ("LP", "OLD", "ADV"),
+    {"ratio_low": "fp32", "ratio_high": "fp32", "dual_clip": "fp32", "store_grad": "i32"})

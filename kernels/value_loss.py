@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import CompileSpec, jit, on_device, streaming_spec
-from fastppo.kernels.policy_loss import BLOCK_T, N_PARTIAL, NUM_WARPS, reduce_partials, weighted_grad
+from fastppo.kernels._jit import jit, on_device
+from fastppo.kernels.policy_loss import (
+    BLOCK_T, N_PARTIAL, NUM_WARPS, loss_kernel_specs, reduce_partials, weighted_grad,
+)
 
 # Block size and warps as the policy loss (same access pattern: three streams + a mask).
 STAT_NAMES = ("clip_frac", "vpred_mean", "error_mean")
@@ -145,23 +147,6 @@ def value_loss_triton(values, old_values, returns, mask, *, clip, agg, normalize
     return loss, dict(zip(STAT_NAMES, stats.unbind()))
 
 
-def _specs():
-    specs = []
-    for v in ("fp32", "bf16", "fp16"):
-        others = ["fp32"] if v == "fp32" else [v, "fp32"]
-        for old in others:
-            for ret in others:
-                sig = {"V": f"*{v}", "OLD": f"*{old}", "RET": f"*{ret}", "MASK": "*i1", "GRAD": "*fp32", "PART": "*fp32"}
-                sig.update({k: "i32" for k in ("T", "n_tblocks", "s_v_r", "s_v_t", "s_old_r", "s_old_t", "s_ret_r", "s_ret_t", "s_m_r", "s_m_t")})
-                sig.update({"clip": "fp32", "has_clip": "i32", "store_grad": "i32", "BLOCK": "constexpr"})
-                specs.append(CompileSpec(
-                    _value_loss_fwd_kernel, sig, {"BLOCK": BLOCK_T}, num_warps=NUM_WARPS,
-                    label=f"v={v} old={old} ret={ret} BLOCK={BLOCK_T}",
-                ))
-                if v == old == ret:  # contiguous inputs of one dtype: vector loads
-                    specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, 32 if v == "fp32" else 16))
-    return specs
-
-
 # values fp32/bf16/fp16; old_values/returns in values' dtype or fp32; one block size.
-COMPILE_SPECS = _specs()
+COMPILE_SPECS = loss_kernel_specs(_value_loss_fwd_kernel, ("V", "OLD", "RET"),
+                                  {"clip": "fp32", "has_clip": "i32", "store_grad": "i32"})
