@@ -96,6 +96,7 @@ def _more_recompiles():
 
 
 def _autocast_state() -> tuple:
+    """The caller's CUDA autocast (enabled, dtype); () without CUDA."""
     return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) if torch.cuda.is_available() else ()
 
 
@@ -111,7 +112,7 @@ def _capture_safe():
       (the scratch row aside), so the non-deterministic kernel computes the same thing.
     """
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    enabled, dtype = _autocast_state()
     torch.use_deterministic_algorithms(False)
     try:
         with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
