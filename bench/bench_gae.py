@@ -155,7 +155,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     B, T = args.B, args.T
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {platform.processor() or platform.machine()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU: {platform.processor() or platform.machine()}"
+    )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
     print(f"B={B} T={T} gamma={GAMMA} lam={LAM}; PyTorch-path block = {ref.GAE_BLOCK}")

@@ -33,8 +33,16 @@ import fastppo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for tests._tiny_models
 
-QWEN05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-               intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
+QWEN05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+)
 
 
 # --- models and inputs ----------------------------------------------------------------------------
@@ -124,22 +132,26 @@ def run_table(device, batches, prompt, new, reps, variants):
     gen_c = None
     if "fastppo+compile" in variants:
         gen_c = fastppo.Generator(model, max_batch_size=max(batches), max_length=prompt + new, compile=True)
-    print(f"# {device} {torch.cuda.get_device_name() if device == 'cuda' else ''} torch {torch.__version__}, "
-          f"transformers {__import__('transformers').__version__}, model {type(model).__name__} "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params {next(model.parameters()).dtype}, "
-          f"attention={gen.attention} prefill={gen.prefill} graphs={gen.cuda_graphs}; "
-          f"prompt {prompt // 2}..{prompt}, new {new}")
+    print(
+        f"# {device} {torch.cuda.get_device_name() if device == 'cuda' else ''} torch {torch.__version__}, "
+        f"transformers {__import__('transformers').__version__}, model {type(model).__name__} "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params {next(model.parameters()).dtype}, "
+        f"attention={gen.attention} prefill={gen.prefill} graphs={gen.cuda_graphs}; "
+        f"prompt {prompt // 2}..{prompt}, new {new}"
+    )
     if bandwidth:
         print(f"# measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(f"{'variant':<20}{'batch':>6}{'tok/s':>11}{'vs hf-eager':>13}{'warm-up s':>11}{'ms/step':>9}"
-          f"{'roofline ms':>13}{'x roofline':>11}")
+    print(
+        f"{'variant':<20}{'batch':>6}{'tok/s':>11}{'vs hf-eager':>13}{'warm-up s':>11}{'ms/step':>9}"
+        f"{'roofline ms':>13}{'x roofline':>11}"
+    )
     for batch in batches:
         ids, mask = make_prompts(batch, prompt, vocab, device)
         fns = {
-            "fastppo": lambda: run_ours(gen, ids, mask, new),
-            "fastppo+compile": lambda: run_ours(gen_c, ids, mask, new),
-            "hf-eager": lambda: run_hf(model, ids, mask, new, static=False),
-            "hf-static-compile": lambda: run_hf(model, ids, mask, new, static=True),
+            "fastppo": lambda ids=ids, mask=mask: run_ours(gen, ids, mask, new),
+            "fastppo+compile": lambda ids=ids, mask=mask: run_ours(gen_c, ids, mask, new),
+            "hf-eager": lambda ids=ids, mask=mask: run_hf(model, ids, mask, new, static=False),
+            "hf-static-compile": lambda ids=ids, mask=mask: run_hf(model, ids, mask, new, static=True),
         }
         base = None
         for name in variants:
@@ -162,7 +174,9 @@ def run_table(device, batches, prompt, new, reps, variants):
             else:
                 step_ms = 1e3 * secs / new  # prefill included
             speed = f"{tps / base:.2f}x" if base else "-"
-            print(f"{name:<20}{batch:>6}{tps:>11.0f}{speed:>13}{warm:>11.1f}{step_ms:>9.3f}{roof_ms:>13.3f}{ratio:>11.2f}")
+            print(
+                f"{name:<20}{batch:>6}{tps:>11.0f}{speed:>13}{warm:>11.1f}{step_ms:>9.3f}{roof_ms:>13.3f}{ratio:>11.2f}"
+            )
 
 
 # --- pytest-benchmark -----------------------------------------------------------------------------
@@ -186,9 +200,11 @@ if pytest is not None:
     def test_generate(benchmark, setup, name, batch):
         model, gen = setup
         ids, mask = make_prompts(batch, _PROMPT, model.config.vocab_size, "cuda")
-        fn = {"fastppo": lambda: run_ours(gen, ids, mask, _NEW),
-              "hf-eager": lambda: run_hf(model, ids, mask, _NEW, static=False),
-              "hf-static-compile": lambda: run_hf(model, ids, mask, _NEW, static=True)}[name]
+        fn = {
+            "fastppo": lambda: run_ours(gen, ids, mask, _NEW),
+            "hf-eager": lambda: run_hf(model, ids, mask, _NEW, static=False),
+            "hf-static-compile": lambda: run_hf(model, ids, mask, _NEW, static=True),
+        }[name]
         fn()  # warm-up
         benchmark.pedantic(lambda: (fn(), _sync("cuda")), rounds=3, iterations=1)
 

@@ -161,8 +161,10 @@ def run_table(N, H, V, reps, peak_tflops):
     h, w, y = make_inputs(N, H, V)
     flops = 8 * N * H * V
     logits_bytes = N * V * 2
-    print(f"\nhidden [{N}, {H}] @ weight [{V}, {H}] bf16, fwd+bwd, median of {reps}; "
-          f"8NHV = {flops / 1e12:.1f} TFLOP; bf16 logits [N, V] = {logits_bytes / 2**30:.2f} GiB")
+    print(
+        f"\nhidden [{N}, {H}] @ weight [{V}, {H}] bf16, fwd+bwd, median of {reps}; "
+        f"8NHV = {flops / 1e12:.1f} TFLOP; bf16 logits [N, V] = {logits_bytes / 2**30:.2f} GiB"
+    )
     print(f"{'variant':22s} {'ms':>9s} {'TFLOP/s':>8s} {'% mm':>6s} {'extra GiB':>10s} {'% logits':>9s}")
     for name, fn in VARIANTS.items():
         why = available(name)
@@ -177,7 +179,10 @@ def run_table(N, H, V, reps, peak_tflops):
             torch.cuda.empty_cache()
             continue
         tf = flops / (ms * 1e-3) / 1e12
-        print(f"{name:22s} {ms:9.2f} {tf:8.1f} {100 * tf / peak_tflops:6.1f} {extra / 2**30:10.3f} {100 * extra / logits_bytes:9.2f}")
+        print(
+            f"{name:22s} {ms:9.2f} {tf:8.1f} {100 * tf / peak_tflops:6.1f} "
+            f"{extra / 2**30:10.3f} {100 * extra / logits_bytes:9.2f}"
+        )
         torch.cuda.empty_cache()
 
 
@@ -210,10 +215,19 @@ def _spills_here(stage: str, tiles) -> str | None:
     cc = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
     for spec in K.COMPILE_SPECS:
         # The variants the sweep runs: bf16, aligned, entropy on, no bias (the backward's dx: all four).
-        if spec.kernel is not kern or not spec.label.startswith("bf16 al=1") or "ent=0" in spec.label or "bias=1" in spec.label:
+        if (
+            spec.kernel is not kern
+            or not spec.label.startswith("bf16 al=1")
+            or "ent=0" in spec.label
+            or "bias=1" in spec.label
+        ):
             continue
-        spec = dataclasses.replace(spec, num_warps=tiles.num_warps, num_stages=tiles.num_stages, constexprs=dict(
-            spec.constexprs, BLOCK_N=tiles.BLOCK_N, BLOCK_V=tiles.BLOCK_V, BLOCK_H=tiles.BLOCK_H))
+        spec = dataclasses.replace(
+            spec,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            constexprs=dict(spec.constexprs, BLOCK_N=tiles.BLOCK_N, BLOCK_V=tiles.BLOCK_V, BLOCK_H=tiles.BLOCK_H),
+        )
         why = verdict(spec, compile_one(spec, cc), cc)
         if why != "ok":
             return f"{spec.label}: {why}"
@@ -243,7 +257,7 @@ def run_sweep(N, H, V, reps):
                 tiles = _tiles(*c)
                 why = _spills_here(stage, tiles)
                 if why:
-                    print(f"{stage:6s} {str(c):32s} skipped: {why}")
+                    print(f"{stage:6s} {c!s:32s} skipped: {why}")
                     continue
                 K.GPU_CONFIGS[key] = dataclasses.replace(shipped, **{stage: tiles})
                 got = result()
@@ -251,7 +265,7 @@ def run_sweep(N, H, V, reps):
                 ms, _ = time_variant(fastppo_triton, h, w, y, reps)
                 mark = "  (shipped)" if tiles == getattr(shipped, stage) else ""
                 bad = "  MISMATCH" if not diff < 1e-2 else ""
-                print(f"{stage:6s} {str(c):32s} {ms:9.2f} {flops / (ms * 1e-3) / 1e12:8.1f} {diff:9.1e}{mark}{bad}")
+                print(f"{stage:6s} {c!s:32s} {ms:9.2f} {flops / (ms * 1e-3) / 1e12:8.1f} {diff:9.1e}{mark}{bad}")
     finally:
         K.GPU_CONFIGS[key] = shipped
 
@@ -281,16 +295,23 @@ def main(argv=None):
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--H", type=int, nargs="+", default=[896, 4096])
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--sweep", action="store_true", help="time the alternative bf16 tiles (SWEEP) instead of the variants")
+    p.add_argument(
+        "--sweep", action="store_true", help="time the alternative bf16 tiles (SWEEP) instead of the variants"
+    )
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_linear_logprobs: needs a CUDA GPU (the fused kernels and the baselines it compares are GPU code); nothing to do.")
+        print(
+            "bench_linear_logprobs: needs a CUDA GPU (the fused kernels and the baselines it compares are GPU "
+            "code); nothing to do."
+        )
         return
     import triton
 
     peak = matmul_tflops()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"bf16 matmul (8192^3 torch.matmul): {peak:.0f} TFLOP/s")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+        f"bf16 matmul (8192^3 torch.matmul): {peak:.0f} TFLOP/s"
+    )
     for H in a.H:
         if a.sweep:
             run_sweep(a.N, H, a.V, a.reps)

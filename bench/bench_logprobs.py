@@ -213,10 +213,12 @@ def run_table(N, V, dtype, device, reps, ceiling_gbs=None):
     logits, labels = make_inputs(N, V, dtype, device)
     nbytes = logits.numel() * logits.element_size()
     ceiling_gbs = ceiling_gbs or copy_bandwidth(device)
-    print(f"\nlogits [{N}, {V}] {str(dtype).replace('torch.', '')} on {device} "
-          f"({torch.cuda.get_device_name() if device == 'cuda' else 'CPU, %d threads' % torch.get_num_threads()}), "
-          f"torch {torch.__version__}, triton {_triton_version()}; median of {reps}; "
-          f"copy bandwidth {ceiling_gbs:.0f} GB/s (read + write, same run)")
+    print(
+        f"\nlogits [{N}, {V}] {str(dtype).replace('torch.', '')} on {device} "
+        f"({torch.cuda.get_device_name() if device == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}), "
+        f"torch {torch.__version__}, triton {_triton_version()}; median of {reps}; "
+        f"copy bandwidth {ceiling_gbs:.0f} GB/s (read + write, same run)"
+    )
     print(f"{'variant':24s} {'mode':8s} {'ms':>10s} {'GB/s':>8s} {'% copy':>7s} {'peak GiB':>9s}")
     for name, fn in VARIANTS.items():
         why = available(name, device)
@@ -228,7 +230,9 @@ def run_table(N, V, dtype, device, reps, ceiling_gbs=None):
             try:
                 ms, peak = time_variant(fn, logits.detach().clone(), labels, backward, reps)
             except Exception as e:  # one baseline failing must not hide the others
-                print(f"{name:24s} {mode:8s} error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
+                print(
+                    f"{name:24s} {mode:8s} error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                )
                 continue
             gbs = nbytes * (3 if backward else 1) / (ms * 1e-3) / 1e9
             peak_s = f"{peak:9.2f}" if peak is not None else f"{'-':>9s}"
@@ -290,21 +294,28 @@ def linear_child(variant: str, N: int, H: int, V: int) -> dict:
         (logp.sum() - (lsm.exp() * lsm).sum()).backward()
     else:
         with fastppo.use_backend("torch"):
-            lp, ent = fastppo.linear_logprobs_and_entropy(hidden, weight, labels, entropy=variant == "fastppo-torch+entropy")
+            lp, ent = fastppo.linear_logprobs_and_entropy(
+                hidden, weight, labels, entropy=variant == "fastppo-torch+entropy"
+            )
         (lp.sum() if ent is None else lp.sum() + ent.sum()).backward()
     seconds = time.perf_counter() - t0
     return {"variant": variant, "growth_bytes": _peak_bytes() - before, "seconds": seconds}
 
 
 def run_linear_memory(N, H, V):
-    print(f"\nlinear path, hidden [{N}, {H}] @ weight [{V}, {H}] float32, forward + backward, CPU "
-          f"(peak RSS growth over the RSS holding the inputs: VmHWM after resetting it, one fresh process per variant)")
+    print(
+        f"\nlinear path, hidden [{N}, {H}] @ weight [{V}, {H}] float32, forward + backward, CPU "
+        f"(peak RSS growth over the RSS holding the inputs: VmHWM after resetting it, one fresh process per variant)"
+    )
     print(f"{'variant':24s} {'peak growth MiB':>16s} {'vs naive':>9s} {'s':>7s}")
     base = None
     for variant in ("naive", "fastppo-torch", "naive+entropy", "fastppo-torch+entropy"):
         out = subprocess.run(
             [sys.executable, __file__, "--linear-child", variant, "--N", str(N), "--H", str(H), "--V", str(V)],
-            capture_output=True, text=True, check=True, env=dict(os.environ, FASTPPO_BACKEND="torch"),
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, FASTPPO_BACKEND="torch"),
         ).stdout
         r = json.loads(out.strip().splitlines()[-1])
         if variant.startswith("naive"):
@@ -320,7 +331,9 @@ except ImportError:  # script mode needs no pytest
 
 if pytest is not None:
     _DEV = "cuda" if torch.cuda.is_available() else "cpu"
-    _SHAPE = dict(N=8192, V=151936, dtype=torch.bfloat16) if _DEV == "cuda" else dict(N=256, V=32000, dtype=torch.float32)
+    _SHAPE = (
+        dict(N=8192, V=151936, dtype=torch.bfloat16) if _DEV == "cuda" else dict(N=256, V=32000, dtype=torch.float32)
+    )
 
     @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
     @pytest.mark.parametrize("name", list(VARIANTS))
@@ -355,10 +368,10 @@ def main(argv=None):
     if device == "cuda":
         # The goal's vocabulary (Qwen2, rows 16-byte aligned), then GPT-2's odd one (unaligned rows).
         ceiling = None
-        for V in ([a.V] if a.V else [151936, 50257]):
+        for V in [a.V] if a.V else [151936, 50257]:
             ceiling = run_table(a.N or 8192, V, dtypes[a.dtype or "bf16"], device, a.reps or 10, ceiling)
     else:
-        for dt in ([a.dtype] if a.dtype else ["fp32", "bf16"]):
+        for dt in [a.dtype] if a.dtype else ["fp32", "bf16"]:
             run_table(a.N or 512, a.V or 32000, dtypes[dt], device, a.reps or 3)
         run_linear_memory(LINEAR_SHAPE["N"], a.H, LINEAR_SHAPE["V"] if a.V is None else a.V)
 

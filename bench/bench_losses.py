@@ -53,7 +53,9 @@ def verl_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprang
     pg_clipfrac = verl_masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
     pg_losses3 = -advantages * clip_ratio_c
     clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    pg_clipfrac_lower = verl_masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float(), response_mask)
+    pg_clipfrac_lower = verl_masked_mean(
+        torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float(), response_mask
+    )
     pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
     pg_loss = verl_masked_mean(pg_losses, response_mask)  # agg_loss(..., "token-mean")
     return pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
@@ -85,7 +87,9 @@ def openrlhf_masked_mean(tensor, mask, dim=None):
     return (tensor * mask).sum(dim=dim) / mask.sum(dim=dim)
 
 
-def openrlhf_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps_low=CLIP, clip_eps_high=CLIP, dual_clip=DUAL_CLIP):
+def openrlhf_policy_loss(
+    log_probs, old_log_probs, advantages, action_mask, clip_eps_low=CLIP, clip_eps_high=CLIP, dual_clip=DUAL_CLIP
+):
     """openrlhf.models.loss.PolicyLoss.forward (token_level_loss=True)."""
     log_ratio = log_probs - old_log_probs
     ratio = log_ratio.exp()
@@ -156,8 +160,17 @@ def _ours(op, backend):
 def candidates(op: str, device: str, compile_ref: bool):
     """``{name: f(x) -> (scalar objective, param)}``: x holds the inputs; param is the tensor that gets a gradient."""
     if op == "policy":
-        ours = lambda backend: lambda x: _ours(fastppo.policy_loss, backend)(  # noqa: E731
-            logprobs=x["lp"], old_logprobs=x["old"], advantages=x["adv"], mask=x["mask"], clip_low=CLIP, dual_clip=DUAL_CLIP)[0]
+
+        def ours(backend):
+            return lambda x: _ours(fastppo.policy_loss, backend)(
+                logprobs=x["lp"],
+                old_logprobs=x["old"],
+                advantages=x["adv"],
+                mask=x["mask"],
+                clip_low=CLIP,
+                dual_clip=DUAL_CLIP,
+            )[0]
+
         out = {
             "verl": lambda x: verl_policy_loss(x["old"], x["lp"], x["adv"], x["maskf"])[0],
             "OpenRLHF": lambda x: openrlhf_policy_loss(x["lp"], x["old"], x["adv"], x["maskf"])[0],
@@ -165,11 +178,17 @@ def candidates(op: str, device: str, compile_ref: bool):
         }
         compiled = torch.compile(ref.policy_loss) if compile_ref else None
         if compiled is not None:
-            out["torch.compile(ref)"] = lambda x: compiled(x["lp"], x["old"], x["adv"], x["mask"], clip_low=CLIP, dual_clip=DUAL_CLIP)[0]
+            out["torch.compile(ref)"] = lambda x: compiled(
+                x["lp"], x["old"], x["adv"], x["mask"], clip_low=CLIP, dual_clip=DUAL_CLIP
+            )[0]
         param = "lp"
     elif op == "value":
-        ours = lambda backend: lambda x: _ours(fastppo.value_loss, backend)(  # noqa: E731
-            values=x["v"], old_values=x["oldv"], returns=x["ret"], mask=x["mask"], clip=VALUE_CLIP)[0]
+
+        def ours(backend):
+            return lambda x: _ours(fastppo.value_loss, backend)(
+                values=x["v"], old_values=x["oldv"], returns=x["ret"], mask=x["mask"], clip=VALUE_CLIP
+            )[0]
+
         out = {
             "verl": lambda x: verl_value_loss(x["v"], x["ret"], x["oldv"], x["maskf"])[0],
             "OpenRLHF": lambda x: openrlhf_value_loss(x["v"], x["oldv"], x["ret"], x["maskf"]),
@@ -180,8 +199,12 @@ def candidates(op: str, device: str, compile_ref: bool):
             out["torch.compile(ref)"] = lambda x: compiled(x["v"], x["oldv"], x["ret"], x["mask"], clip=VALUE_CLIP)[0]
         param = "v"
     else:  # kl: per-token k3, objective kl.sum()
-        ours = lambda backend: lambda x: _ours(fastppo.kl_penalty, backend)(  # noqa: E731
-            logprobs=x["lp"], ref_logprobs=x["ref"], kind="k3", mask=x["mask"]).sum()
+
+        def ours(backend):
+            return lambda x: _ours(fastppo.kl_penalty, backend)(
+                logprobs=x["lp"], ref_logprobs=x["ref"], kind="k3", mask=x["mask"]
+            ).sum()
+
         out = {
             "verl": lambda x: (verl_kl_penalty(x["lp"], x["ref"]) * x["maskf"]).sum(),  # its agg_loss masks
             "OpenRLHF": lambda x: openrlhf_kl(x["lp"], x["ref"], x["maskf"]).sum(),
@@ -260,12 +283,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads for the CPU rows (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {platform.processor() or platform.machine()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU: {platform.processor() or platform.machine()}"
+    )
     if torch.cuda.is_available():
         import triton
 
         print(f"GPU: {torch.cuda.get_device_name()}, triton {triton.__version__}")
-    print(f"{'op':6}  {'shape':9}  {'device':6}  {'implementation':18}  {'fwd+bwd ms':>10}  {'fwd ms':>8}  {'vs verl':>7}  {'|loss - verl|':>13}")
+    print(
+        f"{'op':6}  {'shape':9}  {'device':6}  {'implementation':18}  {'fwd+bwd ms':>10}  {'fwd ms':>8}  "
+        f"{'vs verl':>7}  {'|loss - verl|':>13}"
+    )
     for size in args.sizes:
         b, t = (int(s) for s in size.lower().split("x"))
         for device in DEVICES:
@@ -277,9 +306,9 @@ def main(argv=None):
                     base = fns["verl"](x).item()
                 rows = {}
                 for name, fn in fns.items():
-                    full = _time(lambda: step(fn, x, param), device)
+                    full = _time(lambda fn=fn, x=x, param=param: step(fn, x, param), device)
 
-                    def fwd(fn=fn):
+                    def fwd(fn=fn, x=x):
                         with torch.no_grad():
                             fn(x)
 

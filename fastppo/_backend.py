@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -47,7 +47,7 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -6,7 +6,7 @@ instead of as a NaN, a crash deep inside Triton, or a wrong answer.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -62,7 +62,9 @@ def check_same_device(pairs: dict) -> None:
     ref_name, ref = items[0]
     for name, t in items[1:]:
         if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share one device")
+            raise ValueError(
+                f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share one device"
+            )
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:

@@ -34,17 +34,24 @@ def inspect_model(model) -> ModelInfo:
         )
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"unsupported model {name}: encoder-decoder models are not supported, only decoder-only causal LMs")
+        raise ValueError(
+            f"unsupported model {name}: encoder-decoder models are not supported, only decoder-only causal LMs"
+        )
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         raise ValueError(
-            f"unsupported model {name}: its forward has no `logits_to_keep` argument (not a transformers>=4.50 causal LM?)"
+            f"unsupported model {name}: its forward has no `logits_to_keep` argument "
+            "(not a transformers>=4.50 causal LM?)"
         )
     if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(f"unsupported model {name}: it does not route attention through transformers' AttentionInterface")
+        raise ValueError(
+            f"unsupported model {name}: it does not route attention through transformers' AttentionInterface"
+        )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layer_types = getattr(text, "layer_types", None) or []
     other = sorted({t for t in layer_types if t != "full_attention"})
-    if other or (getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None) and not layer_types):
+    if other or (
+        getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None) and not layer_types
+    ):
         found = other or ["sliding_attention"]
         raise ValueError(f"unsupported model {name}: only full-attention layers are supported, found {found}")
     heads = text.num_attention_heads
@@ -110,7 +117,9 @@ def check_prompts(input_ids, attention_mask, vocab: int, device):
     """Returns ``(ids int64, mask bool, lengths)``; a few one-boolean syncs, once per call."""
     check_int("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [batch, prompt_length] with both > 0, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must have shape [batch, prompt_length] with both > 0, got {tuple(input_ids.shape)}"
+        )
     mask = check_mask("attention_mask", attention_mask, input_ids.shape)
     for name, t in (("input_ids", input_ids), ("attention_mask", mask)):
         if t.device != device:

@@ -27,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ ATTN_NAME = "fastppo_rollout"
 # --------------------------------------------------------------------------------------------------
 # The project-wide choice
 # --------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_attn_available() -> bool:
     """Whether the ``flash-attn`` package (2.x, ``flash_attn_varlen_func``/``flash_attn_with_kvcache``) imports."""
     if importlib.util.find_spec("flash_attn") is None:
@@ -58,7 +59,9 @@ def choose_attn_implementation(device=None) -> str:
     forwards), else ``"sdpa"``. Pass the result to ``from_pretrained(..., attn_implementation=...)`` or
     ``model.set_attn_implementation``.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device.type == "cuda" and flash_attn_available():
         return "flash_attention_2"
     return "sdpa"
@@ -86,7 +89,7 @@ class PackedBatch:
     shape: tuple
 
     def unpack(self, values: torch.Tensor, fill=0) -> torch.Tensor:
-        """``values`` ``[1, T, ...]`` or ``[T, ...]`` back to the padded ``[B, P, ...]`` layout (``fill`` at padding)."""
+        """``values`` ``[1, T, ...]`` or ``[T, ...]`` back to the padded ``[B, P, ...]`` layout, ``fill`` at padding."""
         if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == self.indices.numel():
             values = values[0]
         out = values.new_full((self.shape[0] * self.shape[1], *values.shape[1:]), fill)
@@ -127,10 +130,12 @@ class KVCache:
     values: list
 
     @classmethod
-    def allocate(cls, layers, batch, length, kv_heads, head_dim, dtype, device) -> "KVCache":
+    def allocate(cls, layers, batch, length, kv_heads, head_dim, dtype, device) -> KVCache:
         shape = (batch, length, kv_heads, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)])
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -173,7 +178,9 @@ def attn_implementation(model, name: str = ATTN_NAME) -> Iterator[None]:
     exact previous value (also on error) since the trainer shares the model.
     """
     register()
-    configs = {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)()) if c is not None}
+    configs = {
+        id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)()) if c is not None
+    }
     saved = [(c, c._attn_implementation) for c in configs.values()]
     try:
         for c, _ in saved:
@@ -184,7 +191,7 @@ def attn_implementation(model, name: str = ATTN_NAME) -> Iterator[None]:
             c._attn_implementation = value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def register() -> None:
     """Register :func:`fastppo_attention` in transformers' global ``AttentionInterface`` (once)."""
     from transformers import AttentionInterface
@@ -196,8 +203,9 @@ def register() -> None:
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks")
 
 
-def fastppo_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, fastppo_plan=None,
-                      **kwargs):
+def fastppo_attention(
+    module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, fastppo_plan=None, **kwargs
+):
     """transformers attention-interface function. ``query`` ``[B, Hq, T, D]``, ``key``/``value``
     ``[B, Hkv, T, D]`` after RoPE; returns ``([B, T, Hq, D], None)``. ``attention_mask`` is ignored (the
     plan carries the masks), ``dropout`` too (rollouts run in eval mode)."""
@@ -254,14 +262,21 @@ def _prefill_packed(plan, query, key, value, k_cache, v_cache, scale):
         from flash_attn import flash_attn_varlen_func
 
         out = flash_attn_varlen_func(
-            q.contiguous(), k.contiguous(), v.contiguous(), plan.cu_seqlens, plan.cu_seqlens,
-            plan.max_seqlen, plan.max_seqlen, softmax_scale=scale, causal=True,
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            plan.cu_seqlens,
+            plan.cu_seqlens,
+            plan.max_seqlen,
+            plan.max_seqlen,
+            softmax_scale=scale,
+            causal=True,
         )
     else:  # reference for CPU tests and GPUs without flash-attn: one causal SDPA per sequence
         groups = q.shape[1] // k.shape[1]
         out = torch.empty_like(q)
         bounds = plan.cu_seqlens.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        for s, e in itertools.pairwise(bounds):
             qs, ks, vs = (x[s:e].transpose(0, 1)[None] for x in (q, k, v))
             o = F.scaled_dot_product_attention(
                 qs, _repeat_kv(ks, groups), _repeat_kv(vs, groups), is_causal=True, scale=scale
@@ -279,8 +294,14 @@ def _decode(plan, query, key, value, k_cache, v_cache, scale):
 
         # appends k/v at cache_seqlens in place and attends to slots [0, seqlen]
         return flash_attn_with_kvcache(
-            query.transpose(1, 2), k_cache, v_cache, k=key.transpose(1, 2), v=value.transpose(1, 2),
-            cache_seqlens=plan.seqlens32, softmax_scale=scale, causal=True,
+            query.transpose(1, 2),
+            k_cache,
+            v_cache,
+            k=key.transpose(1, 2),
+            v=value.transpose(1, 2),
+            cache_seqlens=plan.seqlens32,
+            softmax_scale=scale,
+            causal=True,
         )
     rows = torch.arange(b, device=query.device)
     k_cache.index_put_((rows, plan.seqlens), key[:, :, 0].to(k_cache.dtype))

@@ -1,9 +1,10 @@
 """The ``fastppo`` command line.
 
-    fastppo demo [--iterations N] [--device cpu|cuda]   the default demo: a tiny PPO run, end to end
-    fastppo bench NAME [ARGS...]                        run bench/bench_NAME.py (gae, losses, logprobs, linear_logprobs, generate)
-    fastppo compile-check [ARGS...]                     compile every kernel for sm_80/sm_90 (no GPU needed)
-    fastppo info                                        versions, device, backend
+fastppo demo [--iterations N] [--device cpu|cuda]   the default demo: a tiny PPO run, end to end
+fastppo bench NAME [ARGS...]                        run bench/bench_NAME.py
+                                                    (gae, losses, logprobs, linear_logprobs, generate)
+fastppo compile-check [ARGS...]                     compile every kernel for sm_80/sm_90 (no GPU needed)
+fastppo info                                        versions, device, backend
 """
 
 from __future__ import annotations
@@ -68,8 +69,13 @@ def main(argv=None) -> int:
     # bench
     script = _bench_dir() / f"bench_{args.name}.py"
     if not script.exists():
-        names = sorted(s.stem[len("bench_"):] for s in _bench_dir().glob("bench_*.py")) if _bench_dir().exists() else []
-        raise SystemExit(f"fastppo bench: no benchmark named {args.name!r}; available: {names or 'none (run from a source checkout)'}")
+        names = (
+            sorted(s.stem[len("bench_") :] for s in _bench_dir().glob("bench_*.py")) if _bench_dir().exists() else []
+        )
+        raise SystemExit(
+            f"fastppo bench: no benchmark named {args.name!r}; "
+            f"available: {names or 'none (run from a source checkout)'}"
+        )
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0

@@ -104,7 +104,11 @@ def policy_logprobs(policy, seq, mask, prompt_len, temperature):
 
 
 def run(cfg: DemoConfig) -> list[dict]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     torch.manual_seed(cfg.seed)
     tok = tiny_tokenizer()
     policy = tiny_qwen2(len(tok), seed=cfg.seed).to(device)
@@ -115,9 +119,15 @@ def run(cfg: DemoConfig) -> list[dict]:
     rng = torch.Generator().manual_seed(cfg.seed)
     sample_rng = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    print(f"fastppo demo: tiny Qwen2 policy ({sum(p.numel() for p in policy.parameters()) / 1e3:.0f}k params) on {device}, "
-          f"backend {fastppo.get_backend()}, {cfg.iterations} iterations x {cfg.batch_size} rollouts")
-    header = f"{'iter':>4} {'reward':>7} {'kl':>7} {'entropy':>7} {'pg_loss':>8} {'v_loss':>7} {'clipfrac':>8} {'approx_kl':>9} {'gen tok/s':>9} {'sec':>5}"
+    print(
+        f"fastppo demo: tiny Qwen2 policy ({sum(p.numel() for p in policy.parameters()) / 1e3:.0f}k params) "
+        f"on {device}, "
+        f"backend {fastppo.get_backend()}, {cfg.iterations} iterations x {cfg.batch_size} rollouts"
+    )
+    header = (
+        f"{'iter':>4} {'reward':>7} {'kl':>7} {'entropy':>7} {'pg_loss':>8} {'v_loss':>7} {'clipfrac':>8} "
+        f"{'approx_kl':>9} {'gen tok/s':>9} {'sec':>5}"
+    )
     print(header)
     history = []
     for it in range(1, cfg.iterations + 1):
@@ -126,8 +136,15 @@ def run(cfg: DemoConfig) -> list[dict]:
         idx = torch.randint(len(PROMPTS), (cfg.batch_size,), generator=rng)
         batch = tok([PROMPTS[i] for i in idx], return_tensors="pt", padding=True).to(device)
         policy.eval()
-        out = gen.generate(batch.input_ids, batch.attention_mask, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, eos_token_id=EOS_ID, pad_token_id=PAD_ID, generator=sample_rng)
+        out = gen.generate(
+            batch.input_ids,
+            batch.attention_mask,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+            generator=sample_rng,
+        )
         seq, cmask, P = out.sequences, out.completion_mask, out.prompt_length
         attn = torch.cat([batch.attention_mask.bool(), cmask], dim=1)
         texts = tok.batch_decode(torch.where(cmask, out.completions, PAD_ID), skip_special_tokens=True)
@@ -166,13 +183,28 @@ def run(cfg: DemoConfig) -> list[dict]:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([*policy.parameters(), *critic.parameters()], 1.0)
                 opt.step()
-                stats = {"pg_loss": pg_loss.item(), "v_loss": v_loss.item(), "entropy": ent_mean.item(),
-                         "clipfrac": pg_stats["clip_frac"].item(), "approx_kl": pg_stats["approx_kl"].item()}
-        row = {"iter": it, "reward": score.mean().item(), "kl": (fastppo.masked_mean(kl, cmask)).item(),
-               "gen_tok_s": out.tokens_per_second, "sec": time.perf_counter() - t0, "tokens": int(n_tokens), **stats}
+                stats = {
+                    "pg_loss": pg_loss.item(),
+                    "v_loss": v_loss.item(),
+                    "entropy": ent_mean.item(),
+                    "clipfrac": pg_stats["clip_frac"].item(),
+                    "approx_kl": pg_stats["approx_kl"].item(),
+                }
+        row = {
+            "iter": it,
+            "reward": score.mean().item(),
+            "kl": (fastppo.masked_mean(kl, cmask)).item(),
+            "gen_tok_s": out.tokens_per_second,
+            "sec": time.perf_counter() - t0,
+            "tokens": int(n_tokens),
+            **stats,
+        }
         history.append(row)
-        print(f"{it:>4} {row['reward']:>7.3f} {row['kl']:>7.4f} {row['entropy']:>7.3f} {row['pg_loss']:>8.4f} {row['v_loss']:>7.4f} "
-              f"{row['clipfrac']:>8.3f} {row['approx_kl']:>9.5f} {row['gen_tok_s']:>9.0f} {row['sec']:>5.2f}")
+        print(
+            f"{it:>4} {row['reward']:>7.3f} {row['kl']:>7.4f} {row['entropy']:>7.3f} {row['pg_loss']:>8.4f} "
+            f"{row['v_loss']:>7.4f} "
+            f"{row['clipfrac']:>8.3f} {row['approx_kl']:>9.5f} {row['gen_tok_s']:>9.0f} {row['sec']:>5.2f}"
+        )
     k = max(1, min(5, len(history) // 3))
     first = sum(h["reward"] for h in history[:k]) / k
     final = sum(h["reward"] for h in history[-k:]) / k

@@ -123,7 +123,7 @@ def _capture_safe():
 
 def _buckets(max_batch_size: int) -> list[int]:
     sizes = [1 << i for i in range(max_batch_size.bit_length()) if (1 << i) < max_batch_size]
-    return sizes + [max_batch_size]
+    return [*sizes, max_batch_size]
 
 
 class Generator:
@@ -146,8 +146,19 @@ class Generator:
       (bucket, key length, mode) compiles once, at its first use.
     """
 
-    def __init__(self, model, *, max_batch_size: int, max_length: int, cuda_graphs="auto", attention: str = "auto",
-                 prefill: str = "auto", check_every: int = 16, kv_block: int | None = None, compile: bool = False):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_size: int,
+        max_length: int,
+        cuda_graphs="auto",
+        attention: str = "auto",
+        prefill: str = "auto",
+        check_every: int = 16,
+        kv_block: int | None = None,
+        compile: bool = False,
+    ):
         info = inspect_model(model)
         check_count("max_batch_size", max_batch_size, 1)
         check_count("max_length", max_length, 2)
@@ -206,8 +217,13 @@ class Generator:
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.int64, device=dev)
 
     def _state(self) -> dict:
-        return {"tokens": self.tokens, "seqlens": self.seqlens, "row_ids": self.row_ids,
-                "finished": self.finished, "step_idx": self.step_idx}
+        return {
+            "tokens": self.tokens,
+            "seqlens": self.seqlens,
+            "row_ids": self.row_ids,
+            "finished": self.finished,
+            "step_idx": self.step_idx,
+        }
 
     def _forward(self, plan: AttentionPlan, **inputs) -> torch.Tensor:
         return self.model(**inputs, use_cache=False, fastppo_plan=plan).logits
@@ -238,10 +254,20 @@ class Generator:
     # ---------------------------------------------------------------------------------------------
     # public API
     # ---------------------------------------------------------------------------------------------
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                 do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id=None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> GenerationOutput:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id=None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
         """Complete left-padded prompts ``input_ids`` int ``[B, P]`` (``attention_mask`` ``[B, P]``, 0 = padding).
 
         ``do_sample=False``: greedy (argmax). Else sample from ``softmax(logits / temperature)``, after
@@ -281,8 +307,9 @@ class Generator:
             self._check_params()
         r = self.max_batch_size
         parts = [
-            self._generate_chunk(ids[i : i + r], mask[i : i + r], lengths[i : i + r], max_new_tokens, mode, bool(eos),
-                                 seed + i)
+            self._generate_chunk(
+                ids[i : i + r], mask[i : i + r], lengths[i : i + r], max_new_tokens, mode, bool(eos), seed + i
+            )
             for i in range(0, ids.shape[0], r)
         ]
         return self._merge(ids, parts, pad_token_id)
@@ -336,8 +363,9 @@ class Generator:
             self.seqlens[rows:b] = 0
             self.tokens[rows:b] = self.pad_id
             self.step_idx.zero_()
-            tok, lp = sample_tokens(logits, mode=mode, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                    generator=self._rng)
+            tok, lp = sample_tokens(
+                logits, mode=mode, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=self._rng
+            )
             self._record(rows, tok, lp)
             self.finished[rows:b] = True
             self._sync()
@@ -373,8 +401,15 @@ class Generator:
         valid = self.out_valid[:rows, :n]
         if has_eos:
             n = int(valid.sum(-1).max())
-        return (self.out_tokens[:rows, :n].clone(), self.out_valid[:rows, :n].clone(), self.out_logprobs[:rows, :n].clone(),
-                t1 - t0, t2 - t1 - capture, steps, capture)
+        return (
+            self.out_tokens[:rows, :n].clone(),
+            self.out_valid[:rows, :n].clone(),
+            self.out_logprobs[:rows, :n].clone(),
+            t1 - t0,
+            t2 - t1 - capture,
+            steps,
+            capture,
+        )
 
     def _merge(self, ids, parts, pad) -> GenerationOutput:
         n = max(p[0].shape[1] for p in parts)
@@ -383,28 +418,45 @@ class Generator:
         valid = torch.cat([widen(p[1], False) for p in parts])
         logprobs = torch.cat([widen(p[2], 0.0) for p in parts])
         return GenerationOutput(
-            sequences=torch.cat([ids, tokens], dim=1), completion_mask=valid, logprobs=logprobs, prompt_length=ids.shape[1],
-            prefill_seconds=sum(p[3] for p in parts), decode_seconds=sum(p[4] for p in parts),
-            decode_steps=sum(p[5] for p in parts), num_tokens=int(valid.sum()), capture_seconds=sum(p[6] for p in parts),
+            sequences=torch.cat([ids, tokens], dim=1),
+            completion_mask=valid,
+            logprobs=logprobs,
+            prompt_length=ids.shape[1],
+            prefill_seconds=sum(p[3] for p in parts),
+            decode_seconds=sum(p[4] for p in parts),
+            decode_steps=sum(p[5] for p in parts),
+            num_tokens=int(valid.sum()),
+            capture_seconds=sum(p[6] for p in parts),
         )
 
     def _prefill(self, ids, mask, lengths) -> torch.Tensor:
         """Eager forward over the prompts: fills the cache rows ``0..B-1``, returns last-token logits ``[B, V]``."""
-        rows, width = ids.shape
+        _rows, width = ids.shape
         if self.prefill == "packed":
             packed = pack_padded(ids, mask)
             slots = packed.position_ids[0]
-            plan = AttentionPlan("packed", self.cache, backend=self.attention, rows=packed.indices // width,
-                                 slots=slots, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
+            plan = AttentionPlan(
+                "packed",
+                self.cache,
+                backend=self.attention,
+                rows=packed.indices // width,
+                slots=slots,
+                cu_seqlens=packed.cu_seqlens,
+                max_seqlen=packed.max_seqlen,
+            )
             last = packed.cu_seqlens[1:].long() - 1
-            logits = self._forward(plan, input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=last)
+            logits = self._forward(
+                plan, input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=last
+            )
             return logits[0].float()
         positions = mask.long().cumsum(-1) - 1
         b_idx, t_idx = mask.nonzero(as_tuple=True)
         causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
         # a padding query attends to itself only: no all-masked row (NaN) whose garbage could reach the cache
         attend = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=ids.device)[None]
-        plan = AttentionPlan("padded", self.cache, mask=attend[:, None], src=(b_idx, t_idx), slots=positions[b_idx, t_idx])
+        plan = AttentionPlan(
+            "padded", self.cache, mask=attend[:, None], src=(b_idx, t_idx), slots=positions[b_idx, t_idx]
+        )
         logits = self._forward(plan, input_ids=ids, position_ids=positions.clamp_min(0), logits_to_keep=1)
         return logits[:, -1].float()
 
@@ -433,8 +485,14 @@ class Generator:
         else:
             plan.mask = (torch.arange(kv_len, device=seqlens.device) <= seqlens[:, None])[:, None, None, :]
         logits = self._forward(plan, input_ids=self.tokens[:b, None], position_ids=seqlens[:, None], logits_to_keep=1)
-        tok, lp = sample_tokens(logits[:, -1], mode=mode, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                generator=self._graph_rng(mode))
+        tok, lp = sample_tokens(
+            logits[:, -1],
+            mode=mode,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            generator=self._graph_rng(mode),
+        )
         self._record(b, tok, lp)
         seqlens += 1
 
@@ -486,6 +544,9 @@ class Generator:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # thread_local: CUDA calls of other threads (an NCCL watchdog, a data loader) don't break the capture
-        with _capture_safe(), torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+        with (
+            _capture_safe(),
+            torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"),
+        ):
             self._step_fn(*key)
         self._graphs[key] = graph

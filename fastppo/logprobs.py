@@ -130,7 +130,8 @@ def linear_logprobs_and_entropy(
         raise ValueError(f"hidden must have shape [..., H], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(
-            f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, got {tuple(weight.shape)}"
+            f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, "
+            f"got {tuple(weight.shape)}"
         )
     V = weight.shape[0]
     if bias is not None:

@@ -29,7 +29,7 @@ from fastppo._checks import check_choice, check_float, check_mask, check_same_de
 from fastppo.reference import losses as _ref
 from fastppo.reference.losses import AGGS, KL_KINDS
 
-__all__ = ["policy_loss", "value_loss", "kl_penalty", "AGGS", "KL_KINDS"]
+__all__ = ["AGGS", "KL_KINDS", "kl_penalty", "policy_loss", "value_loss"]
 
 
 def _check_number(name: str, value, *, gt: float, lt: float | None = None, allow_none: bool = False) -> None:

@@ -24,9 +24,17 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 def _common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions):
     return dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
         initializer_range=0.2,
     )
 
@@ -38,8 +46,19 @@ def _build(cls, config, seed, dtype):
     return model
 
 
-def tiny_llama(vocab: int = 128, *, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               intermediate: int = 128, max_positions: int = 256, dtype=torch.float32, attn_implementation: str = "sdpa"):
+def tiny_llama(
+    vocab: int = 128,
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    max_positions: int = 256,
+    dtype=torch.float32,
+    attn_implementation: str = "sdpa",
+):
     """A random ``LlamaForCausalLM`` from a config (float32, eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,8 +67,19 @@ def tiny_llama(vocab: int = 128, *, seed: int = 0, hidden: int = 64, layers: int
     return _build(LlamaForCausalLM, config, seed, dtype)
 
 
-def tiny_qwen2(vocab: int = 128, *, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               intermediate: int = 128, max_positions: int = 256, dtype=torch.float32, attn_implementation: str = "sdpa"):
+def tiny_qwen2(
+    vocab: int = 128,
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    max_positions: int = 256,
+    dtype=torch.float32,
+    attn_implementation: str = "sdpa",
+):
     """A random ``Qwen2ForCausalLM`` from a config (biases on q/k/v; float32, eval mode)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -65,10 +95,15 @@ def tiny_tokenizer(padding_side: str = "left"):
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, BOS, UNK] + chars)}
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, BOS, UNK, *chars])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK, padding_side=padding_side,
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        unk_token=UNK,
+        padding_side=padding_side,
     )

@@ -7,10 +7,11 @@ can pick (every autotune config included). This compiles each one with
 ``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, reads the cubin's resource usage with the
 ``cuobjdump`` that ships inside Triton, prints a table (kernel, arch, registers, shared memory,
 local memory, widest global load, matrix instruction) and exits non-zero on a compile failure,
-any spill (local memory or stack > 0), more shared memory than a block gets on that GPU, or a hot kernel whose SASS lost what its speed rests on:
-16-byte vector loads for the memory-bound log-prob kernels, tensor-core instructions (``HGMMA`` on
-sm_90, ``HMMA`` on sm_80) for the matmul kernels. A kernel that spills or loads two bytes at a time
-on the GPU is a slow kernel, and we want to know before a GPU is at hand.
+any spill (local memory or stack > 0), more shared memory than a block gets on that GPU, or a hot
+kernel whose SASS lost what its speed rests on: 16-byte vector loads for the memory-bound log-prob
+kernels, tensor-core instructions (``HGMMA`` on sm_90, ``HMMA`` on sm_80) for the matmul kernels.
+A kernel that spills or loads two bytes at a time on the GPU is a slow kernel: we want to know
+before a GPU is at hand.
 
 A spec with ``divisible`` compiles the specialization Triton's launcher picks at run time for aligned
 pointers and integers that are multiples of 16 (``tt.divisibility = 16``, the ``D`` of its cache key);
@@ -75,7 +76,9 @@ def _attrs(spec) -> dict:
     unknown = [n for n in spec.divisible if n not in spec.signature]
     if unknown:
         raise ValueError(f"{spec.kernel.__name__}: divisible names unknown arguments {unknown}")
-    picked = [n for n, ty in spec.signature.items() if n not in spec.ones and (ty.startswith("*") or n in spec.divisible)]
+    picked = [
+        n for n, ty in spec.signature.items() if n not in spec.ones and (ty.startswith("*") or n in spec.divisible)
+    ]
     return {(names.index(n),): [["tt.divisibility", 16]] for n in picked}
 
 
@@ -95,14 +98,21 @@ def compile_one(spec, cc: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
         sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
     m = _USAGE.search(out)
     if m is None:
         raise RuntimeError(f"could not parse cuobjdump output:\n{out}")
     reg, stack, shared, local = map(int, m.groups())
-    return {"regs": reg, "stack": stack, "shared": max(shared, compiled.metadata.shared), "local": local,
-            **sass_summary(sass)}
+    return {
+        "regs": reg,
+        "stack": stack,
+        "shared": max(shared, compiled.metadata.shared),
+        "local": local,
+        **sass_summary(sass),
+    }
 
 
 # Shared memory one block may use (opt-in maximum): A100 163 KiB, H100/H200 227 KiB. Triton only
@@ -134,8 +144,19 @@ def _job(modname: str, idx: int, cc: int) -> tuple:
     except Exception as e:  # report every failure, then exit non-zero
         r = dict.fromkeys(("regs", "shared", "local", "stack", "load_bits", "mma"), "-")
         status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    return (spec.kernel.__name__, spec.label, "-" if spec.divisible is None else "D16", f"sm_{cc}",
-            r["regs"], r["shared"], r["local"], r["stack"], r["load_bits"], r["mma"], status)
+    return (
+        spec.kernel.__name__,
+        spec.label,
+        "-" if spec.divisible is None else "D16",
+        f"sm_{cc}",
+        r["regs"],
+        r["shared"],
+        r["local"],
+        r["stack"],
+        r["load_bits"],
+        r["mma"],
+        status,
+    )
 
 
 def main(argv=None) -> int:
@@ -152,7 +173,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = its current default
     jit_mod = sys.modules.get("fastppo.kernels._jit")
     if jit_mod is not None and jit_mod.INTERPRET:
-        raise SystemExit("compile_check: kernels were already imported in interpreter mode; run `python -m fastppo.kernels.compile_check` in a fresh process")
+        raise SystemExit(
+            "compile_check: kernels were already imported in interpreter mode; "
+            "run `python -m fastppo.kernels.compile_check` in a fresh process"
+        )
 
     jobs = []
     for modname in KERNEL_MODULES:

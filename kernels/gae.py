@@ -48,10 +48,20 @@ def _compose(a1, b1, d1, e1, f1, a2, b2, d2, e2, f2):
 
 @jit
 def _gae_kernel(
-    R, V, M, ADV, RET,
+    R,
+    V,
+    M,
+    ADV,
+    RET,
     T,
-    stride_rb, stride_rt, stride_vb, stride_vt, stride_mb, stride_mt,
-    gamma, c,
+    stride_rb,
+    stride_rt,
+    stride_vb,
+    stride_vt,
+    stride_mb,
+    stride_mt,
+    gamma,
+    c,
     BLOCK_T: tl.constexpr,
 ):
     """R, V: [B, T] float (any strides), M: [B, T] uint8 (0/1), ADV, RET: [B, T] float32 contiguous."""
@@ -60,7 +70,7 @@ def _gae_kernel(
     nv_c = tl.sum(tl.zeros([BLOCK_T], dtype=tl.float32), axis=0)  # scalar fp32 loop-carried state
     lg_c = tl.sum(tl.zeros([BLOCK_T], dtype=tl.float32), axis=0)
     n_blocks = tl.cdiv(T, BLOCK_T)
-    for i in range(0, n_blocks):
+    for i in range(n_blocks):
         start = (n_blocks - 1 - i) * BLOCK_T
         t = (start + BLOCK_T - 1 - idx).to(tl.int64)  # reversed time: scan element 0 is the latest step
         in_row = t < T
@@ -104,10 +114,20 @@ def gae_forward(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     m = mask.view(torch.uint8)  # bool -> uint8 is a free reinterpretation (strides kept)
     with on_device(rewards):
         _gae_kernel[(B,)](
-            rewards, values, m, adv, ret,
+            rewards,
+            values,
+            m,
+            adv,
+            ret,
             T,
-            rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1), m.stride(0), m.stride(1),
-            float(gamma), float(gamma) * float(lam),
+            rewards.stride(0),
+            rewards.stride(1),
+            values.stride(0),
+            values.stride(1),
+            m.stride(0),
+            m.stride(1),
+            float(gamma),
+            float(gamma) * float(lam),
             BLOCK_T=BLOCK_T,
             num_warps=NUM_WARPS,
         )
@@ -116,13 +136,24 @@ def gae_forward(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 
 def _spec(dt: str, stride: str) -> CompileSpec:
     sig = {
-        "R": f"*{dt}", "V": f"*{dt}", "M": "*u8", "ADV": "*fp32", "RET": "*fp32",
+        "R": f"*{dt}",
+        "V": f"*{dt}",
+        "M": "*u8",
+        "ADV": "*fp32",
+        "RET": "*fp32",
         "T": "i32",
-        "stride_rb": stride, "stride_rt": stride, "stride_vb": stride, "stride_vt": stride,
-        "stride_mb": stride, "stride_mt": stride,
-        "gamma": "fp32", "c": "fp32",
+        "stride_rb": stride,
+        "stride_rt": stride,
+        "stride_vb": stride,
+        "stride_vt": stride,
+        "stride_mb": stride,
+        "stride_mt": stride,
+        "gamma": "fp32",
+        "c": "fp32",
     }
-    return CompileSpec(_gae_kernel, sig, {"BLOCK_T": BLOCK_T}, num_warps=NUM_WARPS, label=f"{dt} strides={stride} BLOCK_T={BLOCK_T}")
+    return CompileSpec(
+        _gae_kernel, sig, {"BLOCK_T": BLOCK_T}, num_warps=NUM_WARPS, label=f"{dt} strides={stride} BLOCK_T={BLOCK_T}"
+    )
 
 
 # Strides are i32 at run time (Python ints below 2**31, what every real batch has), i64 beyond.

@@ -40,8 +40,27 @@ def _exp_tail(x):
     1e-9 relative), with no cancellation; beyond, the direct formula loses at most ~3 bits. The direct
     formula at |x| ~ 1e-4 cancels every significant bit (k3 came out as 0 where it is 5e-9)."""
     ax = tl.abs(x)
-    series = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (
-        1.0 / 5040 + x * (1.0 / 40320 + x * (1.0 / 362880 + x * (1.0 / 3628800)))))))))
+    series = (
+        x
+        * x
+        * (
+            0.5
+            + x
+            * (
+                1.0 / 6
+                + x
+                * (
+                    1.0 / 24
+                    + x
+                    * (
+                        1.0 / 120
+                        + x
+                        * (1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320 + x * (1.0 / 362880 + x * (1.0 / 3628800)))))
+                    )
+                )
+            )
+        )
+    )
     return tl.where(ax <= 0.5, series, (tl.exp(x) - 1.0) - x)
 
 
@@ -84,7 +103,9 @@ def _flag(flag, BLOCK: tl.constexpr):
 
 
 @jit
-def _load_d(LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, has_mask, BLOCK: tl.constexpr):
+def _load_d(
+    LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, has_mask, BLOCK: tl.constexpr
+):
     """``(d, valid)`` for one block; masked positions give d = 0 (a NaN/inf stored there cannot leak).
     Loads are masked by the row bound only: a mask that depends on data cannot be vectorised."""
     valid = tl.load(MASK + row * s_m_r + c * s_m_t, mask=in_row & _flag(has_mask, BLOCK), other=1) != 0
@@ -96,10 +117,20 @@ def _load_d(LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m
 
 @jit
 def _kl_fwd_kernel(
-    LP, REF, MASK, OUT,
-    T, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t,
+    LP,
+    REF,
+    MASK,
+    OUT,
+    T,
+    s_lp_r,
+    s_lp_t,
+    s_ref_r,
+    s_ref_t,
+    s_m_r,
+    s_m_t,
     has_mask,
-    KIND: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """OUT[row, t] = k(d) (0 where masked). LP/REF/MASK: [rows, T] any strides; OUT: [rows, T] fp32 contiguous."""
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can exceed 2**31
@@ -113,10 +144,26 @@ def _kl_fwd_kernel(
 
 @jit
 def _kl_bwd_kernel(
-    LP, REF, MASK, GOUT, GLP, GREF,
-    T, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, s_g_r, s_g_t,
-    has_mask, need_lp, need_ref,
-    KIND: tl.constexpr, BLOCK: tl.constexpr,
+    LP,
+    REF,
+    MASK,
+    GOUT,
+    GLP,
+    GREF,
+    T,
+    s_lp_r,
+    s_lp_t,
+    s_ref_r,
+    s_ref_t,
+    s_m_r,
+    s_m_t,
+    s_g_r,
+    s_g_t,
+    has_mask,
+    need_lp,
+    need_ref,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """GLP = GOUT * dk/dd (in LP's dtype), GREF = -GOUT * dk/dd (in REF's dtype), each written only when needed.
 
@@ -147,10 +194,21 @@ def kl_fwd(logprobs, ref_logprobs, mask, kind: int) -> torch.Tensor:
     out = torch.empty(logprobs.shape, dtype=torch.float32, device=lp.device)
     with on_device(lp):
         _kl_fwd_kernel[(rows, triton.cdiv(T, BLOCK_T))](
-            lp, ref, m, out,
-            T, lp.stride(0), lp.stride(1), ref.stride(0), ref.stride(1), m.stride(0), m.stride(1),
+            lp,
+            ref,
+            m,
+            out,
+            T,
+            lp.stride(0),
+            lp.stride(1),
+            ref.stride(0),
+            ref.stride(1),
+            m.stride(0),
+            m.stride(1),
             int(mask is not None),
-            KIND=kind, BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+            KIND=kind,
+            BLOCK=BLOCK_T,
+            num_warps=NUM_WARPS,
         )
     return out
 
@@ -165,10 +223,27 @@ def kl_bwd(grad_out, logprobs, ref_logprobs, mask, kind: int, need_lp: bool, nee
     g_ref = torch.empty(ref_logprobs.shape if need_ref else (1,), dtype=ref_logprobs.dtype, device=lp.device)
     with on_device(lp):
         _kl_bwd_kernel[(rows, triton.cdiv(T, BLOCK_T))](
-            lp, ref, m, go, g_lp, g_ref,
-            T, lp.stride(0), lp.stride(1), ref.stride(0), ref.stride(1), m.stride(0), m.stride(1), go.stride(0), go.stride(1),
-            int(mask is not None), int(need_lp), int(need_ref),
-            KIND=kind, BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+            lp,
+            ref,
+            m,
+            go,
+            g_lp,
+            g_ref,
+            T,
+            lp.stride(0),
+            lp.stride(1),
+            ref.stride(0),
+            ref.stride(1),
+            m.stride(0),
+            m.stride(1),
+            go.stride(0),
+            go.stride(1),
+            int(mask is not None),
+            int(need_lp),
+            int(need_ref),
+            KIND=kind,
+            BLOCK=BLOCK_T,
+            num_warps=NUM_WARPS,
         )
     return (g_lp if need_lp else None), (g_ref if need_ref else None)
 
@@ -186,7 +261,9 @@ class KLPenaltyFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a double backward raises instead of going wrong
     def backward(ctx, grad_out):
         logprobs, ref_logprobs, mask = ctx.saved_tensors
-        g_lp, g_ref = kl_bwd(grad_out, logprobs, ref_logprobs, mask, ctx.kind, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        g_lp, g_ref = kl_bwd(
+            grad_out, logprobs, ref_logprobs, mask, ctx.kind, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
         return g_lp, g_ref, None, None
 
 
@@ -210,14 +287,16 @@ def _specs():
             const = {"KIND": kind_idx, "BLOCK": BLOCK_T}
             label = f"{kind} lp={lp} ref={ref} BLOCK={BLOCK_T}"
             sig = {"LP": f"*{lp}", "REF": f"*{ref}", "MASK": "*i1", "OUT": "*fp32"}
-            sig.update({k: "i32" for k in strides})
+            sig.update(dict.fromkeys(strides, "i32"))
             sig.update({"has_mask": "i32", "KIND": "constexpr", "BLOCK": "constexpr"})
             specs.append(CompileSpec(_kl_fwd_kernel, sig, const, num_warps=NUM_WARPS, label=label))
             if lp == ref:  # contiguous inputs of one dtype: vector loads
                 specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, lp))
             sig = {"LP": f"*{lp}", "REF": f"*{ref}", "MASK": "*i1", "GOUT": "*fp32", "GLP": f"*{lp}", "GREF": f"*{ref}"}
-            sig.update({k: "i32" for k in (*strides, "s_g_r", "s_g_t")})
-            sig.update({"has_mask": "i32", "need_lp": "i32", "need_ref": "i32", "KIND": "constexpr", "BLOCK": "constexpr"})
+            sig.update(dict.fromkeys((*strides, "s_g_r", "s_g_t"), "i32"))
+            sig.update(
+                {"has_mask": "i32", "need_lp": "i32", "need_ref": "i32", "KIND": "constexpr", "BLOCK": "constexpr"}
+            )
             specs.append(CompileSpec(_kl_bwd_kernel, sig, const, num_warps=NUM_WARPS, label=label))
             if lp == ref:
                 specs.append(streaming_spec(specs[-1], BLOCK_T, NUM_WARPS, lp))

@@ -38,10 +38,26 @@ from fastppo.kernels.linear_logprobs_bwd import _linear_dx_kernel, _linear_dz_ke
 
 @jit
 def _linear_lse_fwd_kernel(
-    X, W, B, Labels, Part,
-    N, H, V, stride_xn, stride_wv, split_size, inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    X,
+    W,
+    B,
+    Labels,
+    Part,
+    N,
+    H,
+    V,
+    stride_xn,
+    stride_wv,
+    split_size,
+    inv_temp,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Partial state of tokens ``pid_n`` over vocabulary split ``pid_s`` (columns
     ``[pid_s * split_size, min(V, (pid_s + 1) * split_size))``) into ``Part [4, S, N]`` float32:
@@ -65,8 +81,25 @@ def _linear_lse_fwd_kernel(
         v_end = tl.minimum(v_begin + split_size, V)
         for v0 in range(v_begin, v_end, BLOCK_V):
             col_ok = (v0 + cv) < v_end  # the vocabulary tail: V need not be a multiple of BLOCK_V
-            z = _logits_tile(X, W, B, rows, row_ok, v0, col_ok, H, stride_xn, stride_wv, inv_temp,
-                             HAS_BIAS, ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            z = _logits_tile(
+                X,
+                W,
+                B,
+                rows,
+                row_ok,
+                v0,
+                col_ok,
+                H,
+                stride_xn,
+                stride_wv,
+                inv_temp,
+                HAS_BIAS,
+                ALIGNED,
+                DOT_PRECISION,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_H,
+            )
             # The label's logit, if in this tile. int32 tile-local indices: an int64 [BLOCK_N, BLOCK_V]
             # comparison costs registers the epilogue needs (it spilled at 128 x 128).
             hit = cv[None, :] == (label - v0).to(tl.int32)[:, None]
@@ -92,8 +125,16 @@ def _linear_lse_fwd_kernel(
 
 @jit
 def _linear_lse_combine_kernel(
-    Part, Labels, LP, ENT, STATS, N, num_s, ignore_index,
-    ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+    Part,
+    Labels,
+    LP,
+    ENT,
+    STATS,
+    N,
+    num_s,
+    ignore_index,
+    ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Merge the ``num_s`` partial states of each row; write logprob, entropy (ENTROPY) and the row
     statistics the backward needs, ``STATS [2, N]``: max ``m`` then ``log s`` (0 on ignored rows, so
@@ -115,7 +156,9 @@ def _linear_lse_combine_kernel(
         if ENTROPY:
             # t = sum e^(z-m) (z-m) re-based on the new max: a (t + s (m - m_new)); s == 0 means empty.
             t_k = tl.load(p + 2 * num_s * N, mask=row_ok, other=0.0)
-            t = a * (t + s * tl.where(s > 0.0, m - m_ref, 0.0)) + b * (t_k + s_k * tl.where(s_k > 0.0, m_k - m_ref, 0.0))
+            t = a * (t + s * tl.where(s > 0.0, m - m_ref, 0.0)) + b * (
+                t_k + s_k * tl.where(s_k > 0.0, m_k - m_ref, 0.0)
+            )
         s = s * a + s_k * b
         m = m_new
         target += tl.load(p + 3 * num_s * N, mask=row_ok, other=0.0)
@@ -160,7 +203,9 @@ GPU_CONFIGS = {
     # the specialization the launcher really compiles (aligned pointers, sizes multiples of 16): the
     # forward at 3-4 stages spills 8 bytes on sm_90 with Triton 3.9; 2 stages of BLOCK_H = 64 keep
     # as many bytes in flight as 4 of 32 and are clean on 3.9 and 3.6 (255 registers: 1 CTA per SM).
-    ("16", True): LinearConfig(fwd=Tiles(128, 128, 64, 8, 2), dz=Tiles(128, 128, 64, 8, 3), dx=Tiles(128, 64, 128, 8, 3)),
+    ("16", True): LinearConfig(
+        fwd=Tiles(128, 128, 64, 8, 2), dz=Tiles(128, 128, 64, 8, 3), dx=Tiles(128, 64, 128, 8, 3)
+    ),
     # Unaligned (odd H or strides): scalar loads keep a pointer per element, so smaller tiles.
     ("16", False): LinearConfig(fwd=Tiles(64, 64, 32, 4, 2), dz=Tiles(64, 64, 32, 4, 2), dx=Tiles(64, 64, 32, 4, 2)),
     # float32 ("ieee" dot on CUDA cores, not the performance path): smaller tiles, 4-byte operands;
@@ -199,8 +244,13 @@ def is_aligned(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     (``ALIGNED``): base pointers 16-byte aligned, row strides and H multiples of 16 elements (the
     buffers the backward allocates then follow). Metadata only: no device synchronization."""
     H = hidden.shape[1]
-    return (H % 16 == 0 and hidden.stride(0) % 16 == 0 and weight.stride(0) % 16 == 0
-            and hidden.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+    return (
+        H % 16 == 0
+        and hidden.stride(0) % 16 == 0
+        and weight.stride(0) % 16 == 0
+        and hidden.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
+    )
 
 
 @functools.cache
@@ -235,8 +285,9 @@ def vocab_chunk(N: int, V: int, H: int, t: Tiles, two_halves: bool) -> int:
     return min(vc, triton.cdiv(V, t.BLOCK_V) * t.BLOCK_V)
 
 
-def linear_forward(hidden, weight, bias32, labels, inv_temp: float, ignore_index: int, entropy: bool,
-                   cfg: LinearConfig, aligned: bool):
+def linear_forward(
+    hidden, weight, bias32, labels, inv_temp: float, ignore_index: int, entropy: bool, cfg: LinearConfig, aligned: bool
+):
     """Launch the forward: hidden [N, H], weight [V, H] (one dtype, unit stride along H), bias32 [V]
     float32 or None, labels [N] int64 contiguous. Returns ``(logprobs [N], entropy [N] or None, stats [2, N])`` float32,
     ``stats`` = per-row max and log-sum (``lse = stats[0] + stats[1]``)."""
@@ -252,20 +303,53 @@ def linear_forward(hidden, weight, bias32, labels, inv_temp: float, ignore_index
     stats = torch.empty(2, N, dtype=torch.float32, device=dev)  # per row: max, then log-sum
     ent = torch.empty(N, dtype=torch.float32, device=dev) if entropy else None
     prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    LAST_LAUNCH["fwd"] = dict(dataclasses.asdict(t), ENTROPY=entropy, HAS_BIAS=bias32 is not None, ALIGNED=aligned,
-                              DOT_PRECISION=prec, splits=S, dtype=hidden.dtype)
+    LAST_LAUNCH["fwd"] = dict(
+        dataclasses.asdict(t),
+        ENTROPY=entropy,
+        HAS_BIAS=bias32 is not None,
+        ALIGNED=aligned,
+        DOT_PRECISION=prec,
+        splits=S,
+        dtype=hidden.dtype,
+    )
     with on_device(hidden):
         _linear_lse_fwd_kernel[(triton.cdiv(N, t.BLOCK_N), S)](
-            hidden, weight, bias32 if bias32 is not None else lp, labels, part,
-            N, H, V, hidden.stride(0), weight.stride(0), split, inv_temp, ignore_index,
-            HAS_BIAS=bias32 is not None, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,
-            BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H,
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            hidden,
+            weight,
+            bias32 if bias32 is not None else lp,
+            labels,
+            part,
+            N,
+            H,
+            V,
+            hidden.stride(0),
+            weight.stride(0),
+            split,
+            inv_temp,
+            ignore_index,
+            HAS_BIAS=bias32 is not None,
+            ENTROPY=entropy,
+            ALIGNED=aligned,
+            DOT_PRECISION=prec,
+            BLOCK_N=t.BLOCK_N,
+            BLOCK_V=t.BLOCK_V,
+            BLOCK_H=t.BLOCK_H,
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
         )
     with on_device(part):
         _linear_lse_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
-            part, labels, lp, ent if entropy else lp, stats, N, S, ignore_index,
-            ENTROPY=entropy, BLOCK=COMBINE_BLOCK, num_warps=4,
+            part,
+            labels,
+            lp,
+            ent if entropy else lp,
+            stats,
+            N,
+            S,
+            ignore_index,
+            ENTROPY=entropy,
+            BLOCK=COMBINE_BLOCK,
+            num_warps=4,
         )
     return lp, ent, stats
 
@@ -290,8 +374,9 @@ class LinearLogprobsEntropyTriton(torch.autograd.Function):
         h, w = _unit_h(hidden.to(cd)), _unit_h(weight.to(cd))
         b32 = None if bias is None else bias.to(torch.float32).contiguous()
         aligned = is_aligned(h, w)
-        lp, ent, stats = linear_forward(h, w, b32, labels, 1.0 / temperature, ignore_index, compute_entropy,
-                                      config_for(cd, aligned), aligned)
+        lp, ent, stats = linear_forward(
+            h, w, b32, labels, 1.0 / temperature, ignore_index, compute_entropy, config_for(cd, aligned), aligned
+        )
         ctx.save_for_backward(h, w, b32, labels, stats, ent)
         ctx.options = (temperature, ignore_index, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return lp, ent
@@ -314,17 +399,40 @@ class LinearLogprobsEntropyTriton(torch.autograd.Function):
         N, H = h.shape
         V = w.shape[0]
         vc = vocab_chunk(N, V, H, cfg.dz, two_halves=h.dtype != torch.float32)
-        LAST_LAUNCH["bwd"] = dict(dataclasses.asdict(cfg.dz), ENTROPY=use_ent, HAS_BIAS=b32 is not None, ALIGNED=aligned,
-                                  vocab_chunk=vc, chunks=triton.cdiv(V, vc), dtype=h.dtype)
-        dh, dw, db = linear_backward(h, w, b32, labels, stats, ent if use_ent else None, g_lp, g_ent,
-                                     1.0 / temperature, ignore_index, (need_h, need_w, need_b), cfg, vc, aligned)
+        LAST_LAUNCH["bwd"] = dict(
+            dataclasses.asdict(cfg.dz),
+            ENTROPY=use_ent,
+            HAS_BIAS=b32 is not None,
+            ALIGNED=aligned,
+            vocab_chunk=vc,
+            chunks=triton.cdiv(V, vc),
+            dtype=h.dtype,
+        )
+        dh, dw, db = linear_backward(
+            h,
+            w,
+            b32,
+            labels,
+            stats,
+            ent if use_ent else None,
+            g_lp,
+            g_ent,
+            1.0 / temperature,
+            ignore_index,
+            (need_h, need_w, need_b),
+            cfg,
+            vc,
+            aligned,
+        )
         dh = None if dh is None else dh.to(h_dtype)
         dw = None if dw is None else dw.to(w_dtype)
         db = None if db is None else db.to(b_dtype)
         return dh, dw, db, None, None, None, None
 
 
-def linear_logprobs_and_entropy_triton(hidden, weight, labels, bias=None, *, temperature=1.0, ignore_index=-100, entropy=True):
+def linear_logprobs_and_entropy_triton(
+    hidden, weight, labels, bias=None, *, temperature=1.0, ignore_index=-100, entropy=True
+):
     """Triton path of :func:`fastppo.linear_logprobs_and_entropy` (inputs already validated).
 
     hidden [N, H] (any strides), weight [V, H], labels [N] int64 (values in [0, V) or ignore_index),
@@ -337,7 +445,9 @@ def linear_logprobs_and_entropy_triton(hidden, weight, labels, bias=None, *, tem
     if hidden.shape[0] == 0:  # no tokens: empty outputs, still attached to the graph
         lp = hidden.sum(-1).float()
         return lp, (lp.clone() if entropy else None)
-    return LinearLogprobsEntropyTriton.apply(hidden, weight, bias, labels, float(temperature), int(ignore_index), bool(entropy))
+    return LinearLogprobsEntropyTriton.apply(
+        hidden, weight, bias, labels, float(temperature), int(ignore_index), bool(entropy)
+    )
 
 
 # --- every configuration the launchers can pick, for ``python -m fastppo.kernels.compile_check`` ---
@@ -353,11 +463,42 @@ def _expect(dt: str, aligned: bool, sig: dict) -> dict:
 
 
 def _specs() -> list[CompileSpec]:
-    fwd_sig = {"X": "", "W": "", "B": "*fp32", "Labels": "*i64", "Part": "*fp32", "N": "i32", "H": "i32", "V": "i32",
-               "stride_xn": "i32", "stride_wv": "i32", "split_size": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
-    dz_sig = {"X": "", "W": "", "B": "*fp32", "Labels": "*i64", "STATS": "*fp32", "ENT": "*fp32", "G_LP": "*fp32",
-              "G_ENT": "*fp32", "DZ": "", "DB_Part": "*fp32", "N": "i32", "H": "i32", "v_start": "i32", "v_end": "i32",
-              "stride_xn": "i32", "stride_wv": "i32", "stride_dz": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+    fwd_sig = {
+        "X": "",
+        "W": "",
+        "B": "*fp32",
+        "Labels": "*i64",
+        "Part": "*fp32",
+        "N": "i32",
+        "H": "i32",
+        "V": "i32",
+        "stride_xn": "i32",
+        "stride_wv": "i32",
+        "split_size": "i32",
+        "inv_temp": "fp32",
+        "ignore_index": "i32",
+    }
+    dz_sig = {
+        "X": "",
+        "W": "",
+        "B": "*fp32",
+        "Labels": "*i64",
+        "STATS": "*fp32",
+        "ENT": "*fp32",
+        "G_LP": "*fp32",
+        "G_ENT": "*fp32",
+        "DZ": "",
+        "DB_Part": "*fp32",
+        "N": "i32",
+        "H": "i32",
+        "v_start": "i32",
+        "v_end": "i32",
+        "stride_xn": "i32",
+        "stride_wv": "i32",
+        "stride_dz": "i32",
+        "inv_temp": "fp32",
+        "ignore_index": "i32",
+    }
     specs = []
     for dt in ("fp32", "bf16", "fp16"):
         prec = "ieee" if dt == "fp32" else "tf32"
@@ -367,29 +508,79 @@ def _specs() -> list[CompileSpec]:
             for ent in (True, False):
                 for bias in (True, False):
                     const = dict(HAS_BIAS=bias, ENTROPY=ent, ALIGNED=aligned, DOT_PRECISION=prec)
-                    for kern, sig, t in ((_linear_lse_fwd_kernel, fwd_sig, cfg.fwd), (_linear_dz_kernel, dz_sig, cfg.dz)):
+                    for kern, sig, t in (
+                        (_linear_lse_fwd_kernel, fwd_sig, cfg.fwd),
+                        (_linear_dz_kernel, dz_sig, cfg.dz),
+                    ):
                         sig = {k: (v or f"*{dt}") for k, v in sig.items()}
-                        specs.append(CompileSpec(kern, sig, dict(const, BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H),
-                                                 t.num_warps, t.num_stages,
-                                                 f"{tag} ent={int(ent)} bias={int(bias)} {t.BLOCK_N}x{t.BLOCK_V}x{t.BLOCK_H}",
-                                                 **_expect(dt, aligned, sig)))
+                        specs.append(
+                            CompileSpec(
+                                kern,
+                                sig,
+                                dict(const, BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H),
+                                t.num_warps,
+                                t.num_stages,
+                                f"{tag} ent={int(ent)} bias={int(bias)} {t.BLOCK_N}x{t.BLOCK_V}x{t.BLOCK_H}",
+                                **_expect(dt, aligned, sig),
+                            )
+                        )
             t = cfg.dx
             # One chunk: FIRST and LAST, no halves. Several: 16-bit keeps the running sum in HI + LO.
             for first, last in ((True, True), (True, False), (False, False), (False, True)):
                 use_lo = dt != "fp32" and not (first and last)
                 half = "*bf16" if use_lo else f"*{dt}"
-                dx_sig = {"DZ": f"*{dt}", "W": f"*{dt}", "OUT": f"*{dt}", "HI": half, "LO": half,
-                          "N": "i32", "H": "i32", "K": "i32", "stride_dz": "i32", "stride_wv": "i32"}
-                specs.append(CompileSpec(_linear_dx_kernel, dx_sig,
-                    dict(FIRST=first, LAST=last, USE_LO=use_lo, ALIGNED=aligned, DOT_PRECISION=prec,
-                         BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H),
-                    t.num_warps, t.num_stages, f"{tag} first={int(first)} last={int(last)} {t.BLOCK_N}x{t.BLOCK_H}x{t.BLOCK_V}",
-                    **_expect(dt, aligned, dx_sig)))
+                dx_sig = {
+                    "DZ": f"*{dt}",
+                    "W": f"*{dt}",
+                    "OUT": f"*{dt}",
+                    "HI": half,
+                    "LO": half,
+                    "N": "i32",
+                    "H": "i32",
+                    "K": "i32",
+                    "stride_dz": "i32",
+                    "stride_wv": "i32",
+                }
+                specs.append(
+                    CompileSpec(
+                        _linear_dx_kernel,
+                        dx_sig,
+                        dict(
+                            FIRST=first,
+                            LAST=last,
+                            USE_LO=use_lo,
+                            ALIGNED=aligned,
+                            DOT_PRECISION=prec,
+                            BLOCK_N=t.BLOCK_N,
+                            BLOCK_V=t.BLOCK_V,
+                            BLOCK_H=t.BLOCK_H,
+                        ),
+                        t.num_warps,
+                        t.num_stages,
+                        f"{tag} first={int(first)} last={int(last)} {t.BLOCK_N}x{t.BLOCK_H}x{t.BLOCK_V}",
+                        **_expect(dt, aligned, dx_sig),
+                    )
+                )
     for ent in (True, False):
-        specs.append(CompileSpec(_linear_lse_combine_kernel, {
-            "Part": "*fp32", "Labels": "*i64", "LP": "*fp32", "ENT": "*fp32", "STATS": "*fp32",
-            "N": "i32", "num_s": "i32", "ignore_index": "i32"},
-            dict(ENTROPY=ent, BLOCK=COMBINE_BLOCK), 4, 3, f"ent={int(ent)}"))
+        specs.append(
+            CompileSpec(
+                _linear_lse_combine_kernel,
+                {
+                    "Part": "*fp32",
+                    "Labels": "*i64",
+                    "LP": "*fp32",
+                    "ENT": "*fp32",
+                    "STATS": "*fp32",
+                    "N": "i32",
+                    "num_s": "i32",
+                    "ignore_index": "i32",
+                },
+                dict(ENTROPY=ent, BLOCK=COMBINE_BLOCK),
+                4,
+                3,
+                f"ent={int(ent)}",
+            )
+        )
     return specs
 
 

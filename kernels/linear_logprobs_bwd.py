@@ -1,8 +1,8 @@
 """Backward of the fused linear log-prob/entropy (:mod:`fastppo.kernels.linear_logprobs`), and the
 logits tile both directions recompute.
 
-With ``z = (hidden @ weight.T + bias) / T``, ``p = softmax(z)``, per-row ``lse`` (as max + log-sum) and entropy ``Hn`` saved
-by the forward, and upstream gradients ``g_lp``, ``g_ent`` (zero on ignored rows):
+With ``z = (hidden @ weight.T + bias) / T``, ``p = softmax(z)``, per-row ``lse`` (as max + log-sum)
+and entropy ``Hn`` saved by the forward, and upstream gradients ``g_lp``, ``g_ent`` (zero on ignored rows):
 
     dz = g_lp * (onehot(y) - p) - g_ent * p * (log p + Hn),       dlogits = dz / T
     d hidden = dlogits @ weight,   d weight = dlogits.T @ hidden,   d bias = dlogits.sum(0)
@@ -75,9 +75,23 @@ def _below(idx, bound, ALIGNED: tl.constexpr):
 
 @jit
 def _logits_tile(
-    X, W, B, rows, row_ok, v0, col_ok, H, stride_xn, stride_wv, inv_temp,
-    HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    X,
+    W,
+    B,
+    rows,
+    row_ok,
+    v0,
+    col_ok,
+    H,
+    stride_xn,
+    stride_wv,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """``z = (X[rows] @ W[cols].T + B[cols]) * inv_temp`` as a ``[BLOCK_N, BLOCK_V]`` float32 tile,
     ``cols = v0 + arange(BLOCK_V)`` (``col_ok`` its mask).
@@ -104,10 +118,32 @@ def _logits_tile(
 
 @jit
 def _linear_dz_kernel(
-    X, W, B, Labels, STATS, ENT, G_LP, G_ENT, DZ, DB_Part,
-    N, H, v_start, v_end, stride_xn, stride_wv, stride_dz, inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    X,
+    W,
+    B,
+    Labels,
+    STATS,
+    ENT,
+    G_LP,
+    G_ENT,
+    DZ,
+    DB_Part,
+    N,
+    H,
+    v_start,
+    v_end,
+    stride_xn,
+    stride_wv,
+    stride_dz,
+    inv_temp,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """``DZ[n, c] = dlogits[n, v_start + c]`` for one ``[BLOCK_N, BLOCK_V]`` tile of the chunk, and
     ``DB_Part[pid_n, c] = sum_n DZ[n, c]`` (float32, before rounding) when HAS_BIAS."""
@@ -127,8 +163,25 @@ def _linear_dz_kernel(
         m = tl.load(STATS + rows, mask=use, other=0.0)  # [2, N]: row max, then log s
         log_s = tl.load(STATS + N + rows, mask=use, other=0.0)
         g_lp = tl.load(G_LP + rows, mask=use, other=0.0)
-        z = _logits_tile(X, W, B, rows, row_ok, v0, col_ok, H, stride_xn, stride_wv, inv_temp,
-                         HAS_BIAS, ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = _logits_tile(
+            X,
+            W,
+            B,
+            rows,
+            row_ok,
+            v0,
+            col_ok,
+            H,
+            stride_xn,
+            stride_wv,
+            inv_temp,
+            HAS_BIAS,
+            ALIGNED,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
         logp = (z - m[:, None]) - log_s[:, None]  # not z - lse: see _lse.online_lse_finish
         p = tl.exp(logp)
         hit = tl.arange(0, BLOCK_V)[None, :] == (label - v0).to(tl.int32)[:, None]  # int32: see the forward
@@ -150,9 +203,24 @@ def _linear_dz_kernel(
 
 @jit
 def _linear_dx_kernel(
-    DZ, W, OUT, HI, LO, N, H, K, stride_dz, stride_wv,
-    FIRST: tl.constexpr, LAST: tl.constexpr, USE_LO: tl.constexpr, ALIGNED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DZ,
+    W,
+    OUT,
+    HI,
+    LO,
+    N,
+    H,
+    K,
+    stride_dz,
+    stride_wv,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    USE_LO: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """``OUT[rows, hs] (+)= DZ[rows, :K] @ W[:K, hs]`` for one ``[BLOCK_N, BLOCK_H]`` tile (K step BLOCK_V).
 
@@ -175,8 +243,11 @@ def _linear_dx_kernel(
         k = k0 + ks
         a = tl.load(_ptrs(DZ, a_row + k[None, :], ALIGNED, BLOCK_V), mask=row_ok[:, None], other=0.0)
         # int64 row offsets: k * stride_wv passes 2^31 for a large single chunk (V * H).
-        b = tl.load(_ptrs(W, k[:, None].to(tl.int64) * stride_wv + hs[None, :], ALIGNED, BLOCK_H),
-                    mask=(k < K)[:, None] & h_ok[None, :], other=0.0)
+        b = tl.load(
+            _ptrs(W, k[:, None].to(tl.int64) * stride_wv + hs[None, :], ALIGNED, BLOCK_H),
+            mask=(k < K)[:, None] & h_ok[None, :],
+            other=0.0,
+        )
         acc = _dot(a, b, acc, DOT_PRECISION)
     offs = rows[:, None] * H + hs[None, :]
     mask = row_ok[:, None] & h_ok[None, :]
@@ -212,15 +283,29 @@ def _full_precision_reductions():
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
-def linear_backward(hidden, weight, bias32, labels, stats, ent, g_lp, g_ent, inv_temp: float, ignore_index: int,
-                    need: tuple[bool, bool, bool], cfg, vocab_chunk: int, aligned: bool):
+def linear_backward(
+    hidden,
+    weight,
+    bias32,
+    labels,
+    stats,
+    ent,
+    g_lp,
+    g_ent,
+    inv_temp: float,
+    ignore_index: int,
+    need: tuple[bool, bool, bool],
+    cfg,
+    vocab_chunk: int,
+    aligned: bool,
+):
     """Gradients ``(d hidden [N, H], d weight [V, H], d bias [V] float32)`` (None where not needed).
 
     hidden [N, H], weight [V, H]: one dtype (the compute dtype), unit stride along H. bias32: [V]
-    float32 or None. stats [2, N] float32 (row max, log-sum), g_lp [N] float32; ent, g_ent [N] float32 or None (the variant without
-    entropy). cfg: the ``LinearConfig`` (its ``dz`` and ``dx`` tiles); vocab_chunk: Vc, a multiple of
-    ``cfg.dz.BLOCK_V`` (and so of ``cfg.dx.BLOCK_V``); aligned: hidden/weight pass ``is_aligned``.
-    d hidden/d weight come in the compute dtype.
+    float32 or None. stats [2, N] float32 (row max, log-sum), g_lp [N] float32; ent, g_ent [N] float32
+    or None (the variant without entropy). cfg: the ``LinearConfig`` (its ``dz`` and ``dx`` tiles);
+    vocab_chunk: Vc, a multiple of ``cfg.dz.BLOCK_V`` (and so of ``cfg.dx.BLOCK_V``); aligned:
+    hidden/weight pass ``is_aligned``. d hidden/d weight come in the compute dtype.
     """
     need_h, need_w, need_b = need
     N, H = hidden.shape
@@ -250,12 +335,34 @@ def linear_backward(hidden, weight, bias32, labels, stats, ent, g_lp, g_ent, inv
     with on_device(hidden), _full_precision_reductions():
         for i, (v0, v1) in enumerate(chunks):
             _linear_dz_kernel[(nbn, triton.cdiv(v1 - v0, tz.BLOCK_V))](
-                hidden, weight, bias32 if has_bias else g_lp, labels, stats, ent if entropy else g_lp,
-                g_lp, g_ent if entropy else g_lp, dz, db_part,
-                N, H, v0, v1, hidden.stride(0), weight.stride(0), Vc, inv_temp, ignore_index,
-                HAS_BIAS=has_bias, ENTROPY=entropy, ALIGNED=aligned, DOT_PRECISION=prec,
-                BLOCK_N=tz.BLOCK_N, BLOCK_V=tz.BLOCK_V, BLOCK_H=tz.BLOCK_H,
-                num_warps=tz.num_warps, num_stages=tz.num_stages,
+                hidden,
+                weight,
+                bias32 if has_bias else g_lp,
+                labels,
+                stats,
+                ent if entropy else g_lp,
+                g_lp,
+                g_ent if entropy else g_lp,
+                dz,
+                db_part,
+                N,
+                H,
+                v0,
+                v1,
+                hidden.stride(0),
+                weight.stride(0),
+                Vc,
+                inv_temp,
+                ignore_index,
+                HAS_BIAS=has_bias,
+                ENTROPY=entropy,
+                ALIGNED=aligned,
+                DOT_PRECISION=prec,
+                BLOCK_N=tz.BLOCK_N,
+                BLOCK_V=tz.BLOCK_V,
+                BLOCK_H=tz.BLOCK_H,
+                num_warps=tz.num_warps,
+                num_stages=tz.num_stages,
             )
             dz_c = dz[:, : v1 - v0]
             if dw is not None:
@@ -264,10 +371,26 @@ def linear_backward(hidden, weight, bias32, labels, stats, ent, g_lp, g_ent, inv
                 torch.sum(db_part[:, : v1 - v0], dim=0, out=db[v0:v1])
             if dh is not None:
                 _linear_dx_kernel[(triton.cdiv(N, tx.BLOCK_N), triton.cdiv(H, tx.BLOCK_H))](
-                    dz_c, weight[v0:v1], dh, hi, lo if use_lo else hi, N, H, v1 - v0, Vc, weight.stride(0),
-                    FIRST=i == 0, LAST=i == len(chunks) - 1, USE_LO=use_lo, ALIGNED=aligned, DOT_PRECISION=prec,
-                    BLOCK_N=tx.BLOCK_N, BLOCK_V=tx.BLOCK_V, BLOCK_H=tx.BLOCK_H,
-                    num_warps=tx.num_warps, num_stages=tx.num_stages,
+                    dz_c,
+                    weight[v0:v1],
+                    dh,
+                    hi,
+                    lo if use_lo else hi,
+                    N,
+                    H,
+                    v1 - v0,
+                    Vc,
+                    weight.stride(0),
+                    FIRST=i == 0,
+                    LAST=i == len(chunks) - 1,
+                    USE_LO=use_lo,
+                    ALIGNED=aligned,
+                    DOT_PRECISION=prec,
+                    BLOCK_N=tx.BLOCK_N,
+                    BLOCK_V=tx.BLOCK_V,
+                    BLOCK_H=tx.BLOCK_H,
+                    num_warps=tx.num_warps,
+                    num_stages=tx.num_stages,
                 )
     if need_h and dh is None:  # H == 0
         dh = torch.empty(N, 0, dtype=cd, device=dev)

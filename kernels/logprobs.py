@@ -7,7 +7,8 @@ then one scalar load of the label's logit:
     logprob = z[y] - lse,     entropy = -sum p log p          (0 for rows with y == ignore_index)
 
 It saves only per-row statistics (the max ``m`` and ``log s`` with ``lse = m + log s``, and the
-entropy), never the probabilities. Backward recomputes ``p = exp((z - m) - log s)`` block by block and writes, in the logits' dtype,
+entropy), never the probabilities. Backward recomputes ``p = exp((z - m) - log s)`` block by block
+and writes, in the logits' dtype,
 
     dx = (g_lp * (onehot(y) - p) - g_ent * p * (log p + H)) / T
 
@@ -42,9 +43,21 @@ from fastppo.reference.logprobs import _overlapping, rows3d
 
 @jit
 def _logprobs_fwd_kernel(
-    X, Labels, LP, ENT, STATS,
-    N, T_inner, stride_o, stride_i, V, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr, ROWS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    X,
+    Labels,
+    LP,
+    ENT,
+    STATS,
+    N,
+    T_inner,
+    stride_o,
+    stride_i,
+    V,
+    inv_temp,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
@@ -86,9 +99,25 @@ def _logprobs_fwd_kernel(
 
 @jit
 def _logprobs_bwd_kernel(
-    X, DX, Labels, STATS, ENT, G_LP, G_ENT,
-    N, T_inner, stride_o, stride_i, dstride_o, dstride_i, V, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr, ROWS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    X,
+    DX,
+    Labels,
+    STATS,
+    ENT,
+    G_LP,
+    G_ENT,
+    N,
+    T_inner,
+    stride_o,
+    stride_i,
+    dstride_o,
+    dstride_i,
+    V,
+    inv_temp,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
@@ -162,10 +191,23 @@ def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, inv_temp: float, ig
     LAST_LAUNCH["fwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype)
     with on_device(x3):
         _logprobs_fwd_kernel[grid](
-            x3, labels, lp, ent if entropy else lp, stats,
-            N, T, x3.stride(0), x3.stride(1), V, inv_temp, ignore_index,
-            BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
-            num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
+            x3,
+            labels,
+            lp,
+            ent if entropy else lp,
+            stats,
+            N,
+            T,
+            x3.stride(0),
+            x3.stride(1),
+            V,
+            inv_temp,
+            ignore_index,
+            BLOCK_V=cfg["BLOCK_V"],
+            ROWS=cfg["ROWS"],
+            COMPUTE_ENTROPY=entropy,
+            num_warps=cfg["num_warps"],
+            num_stages=NUM_STAGES,
         )
     return lp, ent, stats
 
@@ -184,10 +226,27 @@ def logprobs_backward(x3, out3, labels, stats, ent, g_lp, g_ent, inv_temp: float
     LAST_LAUNCH["bwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype, inplace=out3.data_ptr() == x3.data_ptr())
     with on_device(x3):
         _logprobs_bwd_kernel[grid](
-            x3, out3, labels, stats, ent if entropy else g_lp, g_lp, g_ent if entropy else g_lp,
-            N, T, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), V, inv_temp, ignore_index,
-            BLOCK_V=cfg["BLOCK_V"], ROWS=cfg["ROWS"], COMPUTE_ENTROPY=entropy,
-            num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
+            x3,
+            out3,
+            labels,
+            stats,
+            ent if entropy else g_lp,
+            g_lp,
+            g_ent if entropy else g_lp,
+            N,
+            T,
+            x3.stride(0),
+            x3.stride(1),
+            out3.stride(0),
+            out3.stride(1),
+            V,
+            inv_temp,
+            ignore_index,
+            BLOCK_V=cfg["BLOCK_V"],
+            ROWS=cfg["ROWS"],
+            COMPUTE_ENTROPY=entropy,
+            num_warps=cfg["num_warps"],
+            num_stages=NUM_STAGES,
         )
 
 
@@ -196,7 +255,9 @@ class LogprobsEntropyTriton(torch.autograd.Function):
     ignore_index, compute_entropy, inplace_backward) -> (logprobs [N] fp32, entropy [N] fp32 or None)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature: float, ignore_index: int, compute_entropy: bool, inplace_backward: bool):
+    def forward(
+        ctx, logits, labels, temperature: float, ignore_index: int, compute_entropy: bool, inplace_backward: bool
+    ):
         x3 = rows3d(logits)
         lp, ent, stats = logprobs_forward(x3, labels, 1.0 / temperature, ignore_index, compute_entropy)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
@@ -228,12 +289,16 @@ class LogprobsEntropyTriton(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def logprobs_and_entropy_triton(logits, labels, *, temperature=1.0, ignore_index=-100, entropy=True, inplace_backward=False):
+def logprobs_and_entropy_triton(
+    logits, labels, *, temperature=1.0, ignore_index=-100, entropy=True, inplace_backward=False
+):
     """Triton path: ``logits [..., V]`` fp16/bf16/fp32 viewable by ``rows3d``, ``labels [N]`` int64 contiguous.
 
     Returns ``(logprobs [N], entropy [N] or None)`` float32; the caller validated the inputs.
     """
-    return LogprobsEntropyTriton.apply(logits, labels, float(temperature), int(ignore_index), bool(entropy), bool(inplace_backward))
+    return LogprobsEntropyTriton.apply(
+        logits, labels, float(temperature), int(ignore_index), bool(entropy), bool(inplace_backward)
+    )
 
 
 # --- every configuration the launchers can pick, for ``python -m fastppo.kernels.compile_check`` ---
@@ -246,22 +311,59 @@ def _specs() -> list[CompileSpec]:
             for ent in (True, False):
                 const = {"BLOCK_V": block, "ROWS": cfg["ROWS"], "COMPUTE_ENTROPY": ent}
                 label = f"{dt} BLOCK_V={block} ROWS={cfg['ROWS']} ent={int(ent)}"
-                fwd_sig = {"X": f"*{dt}", "Labels": "*i64", "LP": "*fp32", "ENT": "*fp32", "STATS": "*fp32",
-                           "N": "i32", "T_inner": "i32", "stride_o": "i32", "stride_i": "i32", "V": "i32",
-                           "inv_temp": "fp32", "ignore_index": "i32"}
-                bwd_sig = {"X": f"*{dt}", "DX": f"*{dt}", "Labels": "*i64", "STATS": "*fp32", "ENT": "*fp32",
-                           "G_LP": "*fp32", "G_ENT": "*fp32", "N": "i32", "T_inner": "i32", "stride_o": "i32",
-                           "stride_i": "i32", "dstride_o": "i32", "dstride_i": "i32", "V": "i32",
-                           "inv_temp": "fp32", "ignore_index": "i32"}
+                fwd_sig = {
+                    "X": f"*{dt}",
+                    "Labels": "*i64",
+                    "LP": "*fp32",
+                    "ENT": "*fp32",
+                    "STATS": "*fp32",
+                    "N": "i32",
+                    "T_inner": "i32",
+                    "stride_o": "i32",
+                    "stride_i": "i32",
+                    "V": "i32",
+                    "inv_temp": "fp32",
+                    "ignore_index": "i32",
+                }
+                bwd_sig = {
+                    "X": f"*{dt}",
+                    "DX": f"*{dt}",
+                    "Labels": "*i64",
+                    "STATS": "*fp32",
+                    "ENT": "*fp32",
+                    "G_LP": "*fp32",
+                    "G_ENT": "*fp32",
+                    "N": "i32",
+                    "T_inner": "i32",
+                    "stride_o": "i32",
+                    "stride_i": "i32",
+                    "dstride_o": "i32",
+                    "dstride_i": "i32",
+                    "V": "i32",
+                    "inv_temp": "fp32",
+                    "ignore_index": "i32",
+                }
                 # Each thread reads a contiguous run of the row: with aligned rows (V, strides multiples
                 # of 16) that must be one vector load, up to 16 bytes (8 bf16 / 4 fp32 values).
                 per_thread = block * cfg["ROWS"] // (32 * cfg["num_warps"])
                 vector_bits = min(128, per_thread * (32 if dt == "fp32" else 16))
-                for kern, sig, div in ((_logprobs_fwd_kernel, fwd_sig, ("stride_o", "stride_i", "V")),
-                                       (_logprobs_bwd_kernel, bwd_sig, ("stride_o", "stride_i", "dstride_o", "dstride_i", "V"))):
+                for kern, sig, div in (
+                    (_logprobs_fwd_kernel, fwd_sig, ("stride_o", "stride_i", "V")),
+                    (_logprobs_bwd_kernel, bwd_sig, ("stride_o", "stride_i", "dstride_o", "dstride_i", "V")),
+                ):
                     specs.append(CompileSpec(kern, dict(sig), dict(const), cfg["num_warps"], NUM_STAGES, label))
-                    specs.append(CompileSpec(kern, dict(sig), dict(const), cfg["num_warps"], NUM_STAGES, label,
-                                             divisible=div, min_load_bits=vector_bits))
+                    specs.append(
+                        CompileSpec(
+                            kern,
+                            dict(sig),
+                            dict(const),
+                            cfg["num_warps"],
+                            NUM_STAGES,
+                            label,
+                            divisible=div,
+                            min_load_bits=vector_bits,
+                        )
+                    )
     return specs
 
 

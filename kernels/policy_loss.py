@@ -42,10 +42,25 @@ STAT_NAMES = ("clip_frac", "clip_frac_lower", "approx_kl", "ratio_max", "ratio_m
 
 @jit
 def _policy_loss_fwd_kernel(
-    LP, OLD, ADV, MASK, GRAD, PART,
-    T, n_tblocks,
-    s_lp_r, s_lp_t, s_old_r, s_old_t, s_adv_r, s_adv_t, s_m_r, s_m_t,
-    ratio_low, ratio_high, dual_clip,
+    LP,
+    OLD,
+    ADV,
+    MASK,
+    GRAD,
+    PART,
+    T,
+    n_tblocks,
+    s_lp_r,
+    s_lp_t,
+    s_old_r,
+    s_old_t,
+    s_adv_r,
+    s_adv_t,
+    s_m_r,
+    s_m_t,
+    ratio_low,
+    ratio_high,
+    dual_clip,
     store_grad,
     BLOCK: tl.constexpr,
 ):
@@ -99,7 +114,9 @@ def _policy_loss_fwd_kernel(
 
 
 def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, *, ratio_low, ratio_high, dual_clip, store_grad):
-    """Launch the kernel on ``[..., T]`` inputs. Returns ``(grad [rows, T] fp32 or None, partials [rows, blocks, 8] fp32)``.
+    """Launch the kernel on ``[..., T]`` inputs.
+
+    Returns ``(grad [rows, T] fp32 or None, partials [rows, blocks, 8] fp32)``.
 
     Inputs are viewed as ``[rows, T]`` with ``reshape`` (a view, no copy, for any 2-D strides and for
     leading dims that merge; other layouts are copied by ``reshape``) and passed with their strides.
@@ -112,12 +129,28 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, *, ratio_low, rati
     part = torch.empty((rows, n_tblocks, N_PARTIAL), dtype=torch.float32, device=lp.device)
     with on_device(lp):
         _policy_loss_fwd_kernel[(rows, n_tblocks)](
-            lp, old, adv, m, grad, part,
-            T, n_tblocks,
-            lp.stride(0), lp.stride(1), old.stride(0), old.stride(1), adv.stride(0), adv.stride(1), m.stride(0), m.stride(1),
-            float(ratio_low), float(ratio_high), float(dual_clip),
+            lp,
+            old,
+            adv,
+            m,
+            grad,
+            part,
+            T,
+            n_tblocks,
+            lp.stride(0),
+            lp.stride(1),
+            old.stride(0),
+            old.stride(1),
+            adv.stride(0),
+            adv.stride(1),
+            m.stride(0),
+            m.stride(1),
+            float(ratio_low),
+            float(ratio_high),
+            float(dual_clip),
             int(store_grad),
-            BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+            BLOCK=BLOCK_T,
+            num_warps=NUM_WARPS,
         )
     return (grad if store_grad else None), part
 
@@ -129,7 +162,11 @@ def row_weights(row_count: torch.Tensor, agg: str, normalizer) -> torch.Tensor:
     """
     rows = row_count.shape[0]
     if normalizer is not None:
-        den = normalizer.detach().to(device=row_count.device, dtype=torch.float64) if isinstance(normalizer, torch.Tensor) else float(normalizer)
+        den = (
+            normalizer.detach().to(device=row_count.device, dtype=torch.float64)
+            if isinstance(normalizer, torch.Tensor)
+            else float(normalizer)
+        )
     if agg == "token-mean":
         if normalizer is None:
             den = row_count.sum().clamp_min(1.0)
@@ -173,13 +210,16 @@ class PolicyLossConfig:
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """``(logprobs, old_logprobs, advantages, mask, cfg) -> (loss fp32 0-dim, stats fp32 [5])``; grad to logprobs only."""
+    """``(logprobs, old_logprobs, advantages, mask, cfg) -> (loss fp32 0-dim, stats fp32 [5])``; grad to logprobs."""
 
     @staticmethod
     def forward(ctx, logprobs, old_logprobs, advantages, mask, cfg: PolicyLossConfig):
         store_grad = ctx.needs_input_grad[0]
         grad, part = policy_loss_fwd(
-            logprobs, old_logprobs, advantages, mask,
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
             ratio_low=1.0 - cfg.clip_low,
             ratio_high=1.0 + cfg.clip_high,
             dual_clip=0.0 if cfg.dual_clip is None else cfg.dual_clip,
@@ -239,7 +279,7 @@ def loss_kernel_specs(kernel, inputs: tuple[str, str, str], scalars: dict) -> li
                 dts = (first, second, third)
                 sig = {name: f"*{dt}" for name, dt in zip(inputs, dts)}
                 sig.update({"MASK": "*i1", "GRAD": "*fp32", "PART": "*fp32", "T": "i32", "n_tblocks": "i32"})
-                sig.update({k: "i32" for k in strides})
+                sig.update(dict.fromkeys(strides, "i32"))
                 sig.update(scalars)
                 sig["BLOCK"] = "constexpr"
                 label = " ".join(f"{n}={dt}" for n, dt in zip(lower, dts)) + f" BLOCK={BLOCK_T}"
@@ -252,5 +292,7 @@ def loss_kernel_specs(kernel, inputs: tuple[str, str, str], scalars: dict) -> li
 # Every (dtype combination, block size) the launcher can pick: logprobs fp32/bf16/fp16, the two
 # constant inputs either in logprobs' dtype or fp32; one block size. compile_check compiles these.
 COMPILE_SPECS = loss_kernel_specs(
-    _policy_loss_fwd_kernel, ("LP", "OLD", "ADV"),
-    {"ratio_low": "fp32", "ratio_high": "fp32", "dual_clip": "fp32", "store_grad": "i32"})
+    _policy_loss_fwd_kernel,
+    ("LP", "OLD", "ADV"),
+    {"ratio_low": "fp32", "ratio_high": "fp32", "dual_clip": "fp32", "store_grad": "i32"},
+)

@@ -24,7 +24,12 @@ import triton.language as tl
 
 from fastppo.kernels._jit import jit, on_device
 from fastppo.kernels.policy_loss import (
-    BLOCK_T, N_PARTIAL, NUM_WARPS, loss_kernel_specs, reduce_partials, weighted_grad,
+    BLOCK_T,
+    N_PARTIAL,
+    NUM_WARPS,
+    loss_kernel_specs,
+    reduce_partials,
+    weighted_grad,
 )
 
 # Block size and warps as the policy loss (same access pattern: three streams + a mask).
@@ -33,10 +38,25 @@ STAT_NAMES = ("clip_frac", "vpred_mean", "error_mean")
 
 @jit
 def _value_loss_fwd_kernel(
-    V, OLD, RET, MASK, GRAD, PART,
-    T, n_tblocks,
-    s_v_r, s_v_t, s_old_r, s_old_t, s_ret_r, s_ret_t, s_m_r, s_m_t,
-    clip, has_clip, store_grad,
+    V,
+    OLD,
+    RET,
+    MASK,
+    GRAD,
+    PART,
+    T,
+    n_tblocks,
+    s_v_r,
+    s_v_t,
+    s_old_r,
+    s_old_t,
+    s_ret_r,
+    s_ret_t,
+    s_m_r,
+    s_m_t,
+    clip,
+    has_clip,
+    store_grad,
     BLOCK: tl.constexpr,
 ):
     """One program: row ``program_id(0)``, tokens ``[program_id(1) * BLOCK, +BLOCK)``.
@@ -80,7 +100,9 @@ def _value_loss_fwd_kernel(
 
 
 def value_loss_fwd(values, old_values, returns, mask, *, clip, store_grad):
-    """Launch the kernel on ``[..., T]`` inputs. Returns ``(grad [rows, T] fp32 or None, partials [rows, blocks, 8] fp32)``.
+    """Launch the kernel on ``[..., T]`` inputs.
+
+    Returns ``(grad [rows, T] fp32 or None, partials [rows, blocks, 8] fp32)``.
 
     ``reshape(-1, T)`` is a view (no copy) for any 2-D strides and mergeable leading dims.
     """
@@ -92,11 +114,27 @@ def value_loss_fwd(values, old_values, returns, mask, *, clip, store_grad):
     part = torch.empty((rows, n_tblocks, N_PARTIAL), dtype=torch.float32, device=v.device)
     with on_device(v):
         _value_loss_fwd_kernel[(rows, n_tblocks)](
-            v, old, ret, m, grad, part,
-            T, n_tblocks,
-            v.stride(0), v.stride(1), old.stride(0), old.stride(1), ret.stride(0), ret.stride(1), m.stride(0), m.stride(1),
-            0.0 if clip is None else float(clip), int(clip is not None), int(store_grad),
-            BLOCK=BLOCK_T, num_warps=NUM_WARPS,
+            v,
+            old,
+            ret,
+            m,
+            grad,
+            part,
+            T,
+            n_tblocks,
+            v.stride(0),
+            v.stride(1),
+            old.stride(0),
+            old.stride(1),
+            ret.stride(0),
+            ret.stride(1),
+            m.stride(0),
+            m.stride(1),
+            0.0 if clip is None else float(clip),
+            int(clip is not None),
+            int(store_grad),
+            BLOCK=BLOCK_T,
+            num_warps=NUM_WARPS,
         )
     return (grad if store_grad else None), part
 
@@ -148,5 +186,6 @@ def value_loss_triton(values, old_values, returns, mask, *, clip, agg, normalize
 
 
 # values fp32/bf16/fp16; old_values/returns in values' dtype or fp32; one block size.
-COMPILE_SPECS = loss_kernel_specs(_value_loss_fwd_kernel, ("V", "OLD", "RET"),
-                                  {"clip": "fp32", "has_clip": "i32", "store_grad": "i32"})
+COMPILE_SPECS = loss_kernel_specs(
+    _value_loss_fwd_kernel, ("V", "OLD", "RET"), {"clip": "fp32", "has_clip": "i32", "store_grad": "i32"}
+)

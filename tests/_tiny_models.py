@@ -7,8 +7,16 @@ import torch
 from fastppo.tiny import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK, UNK_ID, tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: F401
 
 
-def ragged_prompts(batch: int = 4, *, vocab: int = 128, min_len: int = 1, max_len: int = 7, seed: int = 0,
-                   first_token: int = 4, pad_id: int = PAD_ID):
+def ragged_prompts(
+    batch: int = 4,
+    *,
+    vocab: int = 128,
+    min_len: int = 1,
+    max_len: int = 7,
+    seed: int = 0,
+    first_token: int = 4,
+    pad_id: int = PAD_ID,
+):
     """Left-padded random prompts of different lengths: ``(input_ids [B, max_len], attention_mask [B, max_len])``.
 
     Lengths are spread over ``[min_len, max_len]`` with the last row full; tokens avoid the special ids.

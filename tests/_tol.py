@@ -11,7 +11,9 @@ import torch
 from fastppo._backend import interpreting
 
 
-def assert_within_rule(kernel: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor, *, atol: float, name: str = "output"):
+def assert_within_rule(
+    kernel: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor, *, atol: float, name: str = "output"
+):
     """Elementwise check of the tolerance rule. ``torch_same`` is the PyTorch computation in the
     kernel's input dtype (the error budget a user already accepts), ``ref64`` the float64 truth."""
     kernel, torch_same, ref64 = (t.detach().to("cpu", torch.float64) for t in (kernel, torch_same, ref64))
@@ -34,7 +36,9 @@ def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "contiguous":
         return x.contiguous()
     if layout == "slice":  # rows padded by 3: x[..., :T] of a wider tensor
-        wide = torch.full((*x.shape[:-1], x.shape[-1] + 3), 7.0 if x.is_floating_point() else 1, device=x.device).to(x.dtype)
+        wide = torch.full((*x.shape[:-1], x.shape[-1] + 3), 7.0 if x.is_floating_point() else 1, device=x.device).to(
+            x.dtype
+        )
         wide[..., : x.shape[-1]] = x
         return wide[..., : x.shape[-1]]
     if layout == "transpose":  # token dim no longer has stride 1
@@ -68,7 +72,9 @@ def _move(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
     # dense tensor, then apply relayout on the kernel's device.
     y = x.to(dev)
     if x.numel() > 1 and y.stride() != x.stride():
-        raise ValueError(f"moving a tensor of strides {x.stride()} to {dev} changes its layout; move it before relayout")
+        raise ValueError(
+            f"moving a tensor of strides {x.stride()} to {dev} changes its layout; move it before relayout"
+        )
     return y
 
 

@@ -143,7 +143,9 @@ def test_group_matches_loop(G, kind, scale):
 def test_group_defaults():
     scores = torch.randn(12, dtype=torch.float64)
     # grpo scales by default (GRPO); rloo does not (verl, RLOO paper)
-    torch.testing.assert_close(fastppo.group_advantages(scores, 4), torch.as_tensor(loop_group(scores, 4, "grpo", True, 1e-6)))
+    torch.testing.assert_close(
+        fastppo.group_advantages(scores, 4), torch.as_tensor(loop_group(scores, 4, "grpo", True, 1e-6))
+    )
     torch.testing.assert_close(
         fastppo.group_advantages(scores, 4, kind="rloo"), torch.as_tensor(loop_group(scores, 4, "rloo", False, 1e-6))
     )
@@ -170,7 +172,9 @@ def test_group_edge_cases():
     torch.testing.assert_close(fastppo.group_advantages(ints.bool(), 3), out)
     assert fastppo.group_advantages(torch.randn(4, dtype=torch.float64), 2).dtype == torch.float64
     bf = torch.randn(6).to(torch.bfloat16)
-    torch.testing.assert_close(fastppo.group_advantages(bf, 3).double(), loop_group(bf, 3, "grpo", True, 1e-6), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        fastppo.group_advantages(bf, 3).double(), loop_group(bf, 3, "grpo", True, 1e-6), rtol=1e-5, atol=1e-5
+    )
     strided = torch.randn(12)[::2]
     torch.testing.assert_close(fastppo.group_advantages(strided, 3), fastppo.group_advantages(strided.contiguous(), 3))
     assert fastppo.group_advantages(torch.zeros(0), 4).shape == (0,)
@@ -179,7 +183,9 @@ def test_group_edge_cases():
 def test_group_eps():
     s = torch.tensor([0.0, 1.0], dtype=torch.float64)
     std = math.sqrt(0.5)
-    torch.testing.assert_close(fastppo.group_advantages(s, 2, eps=0.1), torch.tensor([-0.5, 0.5], dtype=torch.float64) / (std + 0.1))
+    torch.testing.assert_close(
+        fastppo.group_advantages(s, 2, eps=0.1), torch.tensor([-0.5, 0.5], dtype=torch.float64) / (std + 0.1)
+    )
 
 
 def test_group_bad_inputs():

@@ -31,9 +31,8 @@ def test_triton_on_cpu_runs_under_interpreter():
 
 
 def test_unknown_backend(monkeypatch):
-    with pytest.raises(ValueError, match="backend"):
-        with fastppo.use_backend("cuda"):
-            pass
+    with pytest.raises(ValueError, match="backend"), fastppo.use_backend("cuda"):
+        pass
     monkeypatch.setenv("FASTPPO_BACKEND", "fast")
     with pytest.raises(ValueError, match="FASTPPO_BACKEND"):
         fastppo.get_backend()

@@ -36,7 +36,10 @@ def test_sass_summary_reads_load_width_and_matrix_instructions():
         /*0130*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
     """
     assert sass_summary(sass) == {"load_bits": 128, "mma": "HGMMA"}
-    assert sass_summary("LDG.E.U16 R4, [R2.64] ;\nHMMA.16816.F32.BF16 R0, R4, R8, R0 ;") == {"load_bits": 16, "mma": "HMMA"}
+    assert sass_summary("LDG.E.U16 R4, [R2.64] ;\nHMMA.16816.F32.BF16 R0, R4, R8, R0 ;") == {
+        "load_bits": 16,
+        "mma": "HMMA",
+    }
     assert sass_summary("LDG.E R4, [R2.64] ;\nFFMA R0, R1, R2, R0 ;") == {"load_bits": 32, "mma": "-"}
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests._tiny_models import EOS_ID, PAD_ID, ragged_prompts, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 import fastppo
 from fastppo.attention import ATTN_NAME, choose_attn_implementation, pack_padded
+from tests._tiny_models import EOS_ID, PAD_ID, ragged_prompts, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
@@ -23,8 +23,9 @@ def models():
 
 
 def hf_greedy(model, ids, mask, new, eos=None):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                         eos_token_id=eos, pad_token_id=PAD_ID)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID
+    )
     return out
 
 
@@ -83,7 +84,13 @@ def test_greedy_matches_hf_generate_from_pretrained(tmp_path):
     batch = tok(["hello world", "a", "PPO!"], return_tensors="pt", padding=True)
     ref = hf_greedy(model, batch.input_ids, batch.attention_mask, 6, EOS_ID)
     out = fastppo.Generator(model, max_batch_size=4, max_length=32).generate(
-        batch.input_ids, batch.attention_mask, max_new_tokens=6, do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        batch.input_ids,
+        batch.attention_mask,
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
     assert torch.equal(out.sequences, ref)
 
 
@@ -112,7 +119,8 @@ def test_logprobs_match_a_full_forward(models, arch, sampling):
     ids, mask = ragged_prompts(4, max_len=P, seed=6)
     temperature = sampling["temperature"]
     out = fastppo.Generator(model, max_batch_size=4, max_length=20).generate(
-        ids, mask, max_new_tokens=8, eos_token_id=EOS_ID, generator=torch.Generator().manual_seed(0), **sampling)
+        ids, mask, max_new_tokens=8, eos_token_id=EOS_ID, generator=torch.Generator().manual_seed(0), **sampling
+    )
     full_mask = torch.cat([mask.bool(), out.completion_mask], dim=1)
     positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
@@ -132,6 +140,7 @@ def test_seeded_sampling_is_reproducible(models):
     model = models["qwen2"]
     ids, mask = ragged_prompts(3, max_len=P, seed=7)
     gen = fastppo.Generator(model, max_batch_size=4, max_length=24)
+
     def run(seed):
         return gen.generate(ids, mask, max_new_tokens=12, top_p=0.9, generator=torch.Generator().manual_seed(seed))
 
@@ -210,8 +219,12 @@ def test_errors(models):
             gen.generate(ids, mask, **kwargs)
     with pytest.raises(ValueError, match="input_ids is on meta but the model is on cpu"):
         gen.generate(ids.to("meta"), mask.to("meta"), max_new_tokens=2)
-    for kwargs, match in [(dict(cuda_graphs="yes"), "cuda_graphs must be"), (dict(attention="xformers"), "attention must be"),
-                          (dict(prefill="chunked"), "prefill must be"), (dict(kv_block=0), "kv_block must be >= 1")]:
+    for kwargs, match in [
+        (dict(cuda_graphs="yes"), "cuda_graphs must be"),
+        (dict(attention="xformers"), "attention must be"),
+        (dict(prefill="chunked"), "prefill must be"),
+        (dict(kv_block=0), "kv_block must be >= 1"),
+    ]:
         with pytest.raises(ValueError, match=match):
             fastppo.Generator(model, max_batch_size=1, max_length=8, **kwargs)
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
@@ -230,8 +243,17 @@ def test_unsupported_models():
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     with pytest.raises(ValueError, match="encoder-decoder"):
         fastppo.Generator(t5, max_batch_size=1, max_length=8)
-    sliding = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    sliding = Qwen2Config(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=0,
+    )
     with pytest.raises(ValueError, match="only full-attention layers"):
         fastppo.Generator(Qwen2ForCausalLM(sliding), max_batch_size=1, max_length=8)
 
@@ -295,8 +317,18 @@ def test_cuda_graphs(dtype):
     if dtype == torch.float32:
         assert torch.equal(b.sequences, eager.generate(ids, mask, **greedy).sequences)
         assert torch.equal(b.sequences, hf_greedy(model, ids, mask, 20, eos))
-    sampled = [graphed.generate(ids, mask, max_new_tokens=20, eos_token_id=eos, temperature=0.8, top_k=20,
-                                generator=torch.Generator("cuda").manual_seed(0)) for _ in range(2)]
+    sampled = [
+        graphed.generate(
+            ids,
+            mask,
+            max_new_tokens=20,
+            eos_token_id=eos,
+            temperature=0.8,
+            top_k=20,
+            generator=torch.Generator("cuda").manual_seed(0),
+        )
+        for _ in range(2)
+    ]
     assert sampled[0].capture_seconds > 0 and sampled[1].capture_seconds == 0
     assert torch.equal(sampled[0].sequences, sampled[1].sequences)
     assert torch.equal(sampled[0].logprobs, sampled[1].logprobs)
@@ -307,8 +339,10 @@ def test_cuda_graph_sampling_reproducible():
     model = tiny_llama(seed=3, dtype=torch.bfloat16).cuda()
     ids, mask = (t.cuda() for t in ragged_prompts(4, max_len=P, seed=10))
     gen = fastppo.Generator(model, max_batch_size=4, max_length=48)
-    runs = [gen.generate(ids, mask, max_new_tokens=32, generator=torch.Generator("cuda").manual_seed(s)).sequences
-            for s in (0, 0, 1)]
+    runs = [
+        gen.generate(ids, mask, max_new_tokens=32, generator=torch.Generator("cuda").manual_seed(s)).sequences
+        for s in (0, 0, 1)
+    ]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
     with torch.no_grad():  # a replaced parameter tensor invalidates the graphs (they read old addresses)
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())

@@ -93,7 +93,7 @@ def test_reference_gradcheck(kind):
     lp.requires_grad_()
     ref.requires_grad_()
     for m in (None, mask):
-        fn = lambda a, b: fastppo.reference.losses.kl_penalty(a, b, kind=kind, mask=m)  # noqa: E731
+        fn = lambda a, b, m=m: fastppo.reference.losses.kl_penalty(a, b, kind=kind, mask=m)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (lp, ref), eps=1e-6, atol=1e-8)
 
 
@@ -117,7 +117,10 @@ def test_triton_matches_loop(case, kind, dtype):
     inputs = (lp.to(dtype), ref.to(dtype), None if mask_kind is None else mask.long() if mask_kind == "int" else mask)
     lp, ref, mask = (None if x is None else relayout(x, layout) for x in inputs)
     k_lp_in, k_ref_in, k_mask = (None if x is None else relayout(x, layout) for x in to_kernel_device(*inputs))
-    assert (k_lp_in.stride(), k_ref_in.stride()) == (lp.stride(), ref.stride())  # the layout made on the kernel's device
+    assert (k_lp_in.stride(), k_ref_in.stride()) == (
+        lp.stride(),
+        ref.stride(),
+    )  # the layout made on the kernel's device
     assert mask is None or k_mask.stride() == mask.stride()
     w = w if gout == "weights" else None
     want, want_g = loop_kl(lp, ref, kind, mask)
@@ -168,7 +171,7 @@ def test_mask_zero_and_no_leak(backend, kind):
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
 def test_gradient_to_one_input(backend, need):
     lp, ref, mask, w = make_inputs((2, 9))
-    want, want_g = loop_kl(lp, ref, "k3", mask)
+    _want, want_g = loop_kl(lp, ref, "k3", mask)
     _, g_lp, g_ref = run(backend, lp, ref, "k3", mask, w, need=need)
     got = g_lp if need[0] else -g_ref
     assert (g_lp is None) == (not need[0]) and (g_ref is None) == (not need[1])
@@ -177,7 +180,7 @@ def test_gradient_to_one_input(backend, need):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixed_dtypes_and_no_grad(backend):
-    """bf16 logprobs with fp32 ref (compiled as is) or fp16 ref (converted to fp32); gradients reach each in its dtype."""
+    """bf16 logprobs with fp32 ref (compiled as is) or fp16 ref (converted to fp32); each gradient in its dtype."""
     lp, ref, mask, w = make_inputs((2, 9))
     lp = lp.bfloat16()
     for r in (ref, ref.half()):
@@ -212,7 +215,9 @@ def test_property_estimators(shape, seed, spread, backend):
     """abs = |k1|, k2 = k1^2 / 2, 0 <= k3 <= 10, and the k3 gradient is finite."""
     lp, ref, _, _ = make_inputs(shape, seed=seed, spread=spread)
     with fastppo.use_backend(backend):
-        k1, ab, k2, k3 = (fastppo.kl_penalty(*to_kernel_device(lp, ref, backend=backend), kind=kind) for kind in KL_KINDS)
+        k1, ab, k2, k3 = (
+            fastppo.kl_penalty(*to_kernel_device(lp, ref, backend=backend), kind=kind) for kind in KL_KINDS
+        )
     torch.testing.assert_close(ab, k1.abs())
     torch.testing.assert_close(k2, 0.5 * k1 * k1)
     assert (k3 >= 0).all() and (k3 <= 10).all()
@@ -276,7 +281,9 @@ def test_k3_relative_accuracy_at_small_log_ratios(backend):
     """exp(-d) + d - 1 cancels every bit at |d| ~ 1e-4 in float32 (k3 came out as 0 where it is ~5e-9,
     and the mean k3 of a near-on-policy batch was biased by +200%); k3 and its gradient must keep float32's
     relative accuracy at any d (found by a randomized differential test)."""
-    d = torch.tensor([1e-4, -1e-4, 3e-4, 1e-3, -3e-3, 1e-2, 0.3, -0.49, 0.51, -0.7, 2.0, -2.0])  # k3 below its clamp at 10
+    d = torch.tensor(
+        [1e-4, -1e-4, 3e-4, 1e-3, -3e-3, 1e-2, 0.3, -0.49, 0.51, -0.7, 2.0, -2.0]
+    )  # k3 below its clamp at 10
     ref = torch.zeros_like(d)
     lp, ref_k = to_kernel_device(d.clone(), ref, backend=backend)
     lp.requires_grad_()

@@ -44,18 +44,32 @@ def make(N, H, V, dtype, bias=True, ignored=(), ignore_index=-100):
     return hidden, weight, b, y
 
 
-def check(hidden, weight, bias, y, *, view=lambda t: t, temperature=1.0, ignore_index=-100, entropy=True,
-          use=("lp", "ent"), need=(True, True, True)):
+def check(
+    hidden,
+    weight,
+    bias,
+    y,
+    *,
+    view=lambda t: t,
+    temperature=1.0,
+    ignore_index=-100,
+    entropy=True,
+    use=("lp", "ent"),
+    need=(True, True, True),
+):
     """Run the kernel on leaf copies, compare outputs and every gradient with fp64 by the tolerance rule."""
     dtype = hidden.dtype
     leaves = {}
     for name, dt in (("ours", dtype), ("ref", torch.float64), ("same", dtype)):
         dev = DEV if name == "ours" else "cpu"
-        leaves[name] = [None if t is None else t.detach().to(dev, dt).clone().requires_grad_(r)
-                        for t, r in zip((hidden, weight, bias), need)]
+        leaves[name] = [
+            None if t is None else t.detach().to(dev, dt).clone().requires_grad_(r)
+            for t, r in zip((hidden, weight, bias), need)
+        ]
     h, w, b = leaves["ours"]
-    lp, ent = K.linear_logprobs_and_entropy_triton(view(h), w, y.to(DEV), b, temperature=temperature,
-                                                   ignore_index=ignore_index, entropy=entropy)
+    lp, ent = K.linear_logprobs_and_entropy_triton(
+        view(h), w, y.to(DEV), b, temperature=temperature, ignore_index=ignore_index, entropy=entropy
+    )
     assert lp.dtype == torch.float32 and lp.shape == y.shape
     assert (ent is None) == (not entropy)
     outs = {"ours": (lp, ent)}
@@ -65,7 +79,7 @@ def check(hidden, weight, bias, y, *, view=lambda t: t, temperature=1.0, ignore_
 
     g_lp = torch.randn(y.shape, dtype=torch.float64)
     g_ent = torch.randn(y.shape, dtype=torch.float64)
-    for name, (a, e) in outs.items():
+    for a, e in outs.values():
         loss = 0.0
         if "lp" in use:
             loss = loss + (a * g_lp.to(a.device, a.dtype)).sum()
@@ -105,7 +119,7 @@ def test_matches_fp64(dtype, bias):
     N, H, V = 37, 45, 1000
     hidden, weight, b, y = make(N, H, V, dtype, bias=bias, ignored=(3, 20))
     wide = torch.cat([torch.randn(N, 3).to(dtype), hidden, torch.randn(N, 4).to(dtype)], dim=1)
-    check(wide, weight, b, y, view=lambda t: t[:, 3:3 + H], temperature=0.7)
+    check(wide, weight, b, y, view=lambda t: t[:, 3 : 3 + H], temperature=0.7)
     assert K.LAST_LAUNCH["fwd"]["HAS_BIAS"] is bias and K.LAST_LAUNCH["fwd"]["ENTROPY"] is True
     assert K.LAST_LAUNCH["fwd"]["ALIGNED"] is False  # H = 45
 
@@ -224,11 +238,15 @@ def test_mixed_dtypes():
 
 def test_empty_and_float64():
     h = torch.randn(0, 8, device=DEV, requires_grad=True)
-    lp, ent = K.linear_logprobs_and_entropy_triton(h, torch.randn(5, 8, device=DEV), torch.zeros(0, dtype=torch.long, device=DEV))
+    lp, ent = K.linear_logprobs_and_entropy_triton(
+        h, torch.randn(5, 8, device=DEV), torch.zeros(0, dtype=torch.long, device=DEV)
+    )
     assert lp.shape == ent.shape == (0,)
     lp.sum().backward()
     with pytest.raises(TypeError, match="float64"):
-        K.linear_logprobs_and_entropy_triton(torch.randn(2, 8, dtype=torch.float64), torch.randn(5, 8), torch.zeros(2, dtype=torch.long))
+        K.linear_logprobs_and_entropy_triton(
+            torch.randn(2, 8, dtype=torch.float64), torch.randn(5, 8), torch.zeros(2, dtype=torch.long)
+        )
 
 
 def test_through_public_function():

@@ -57,7 +57,11 @@ def check_case(backend, base, y, view=lambda t: t, temperature=1.0, ignore_index
     ours_base = kernel_leaf(base, backend)  # the view is taken on the device copy: still strided there
     with fastppo.use_backend(backend):
         lp, ent = fastppo.logprobs_and_entropy(
-            view(ours_base), to_kernel_device(y, backend), temperature=temperature, ignore_index=ignore_index, entropy=entropy
+            view(ours_base),
+            to_kernel_device(y, backend),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            entropy=entropy,
         )
     assert lp.dtype == torch.float32 and lp.shape == y.shape and lp.device == ours_base.device
     assert (ent is None) == (not entropy)
@@ -72,7 +76,7 @@ def check_case(backend, base, y, view=lambda t: t, temperature=1.0, ignore_index
     loss = (lp * g_lp.float().to(lp.device)).sum() + ((ent * g_ent.float().to(lp.device)).sum() if entropy else 0)
     loss.backward()
     lp, ent, grad = lp.detach().cpu(), (ent.detach().cpu() if entropy else None), ours_base.grad.cpu()
-    for name, (b, lp_r, ent_r) in results.items():
+    for _b, lp_r, ent_r in results.values():
         loss_r = (lp_r * g_lp.to(lp_r.dtype)).sum() + ((ent_r * g_ent.to(ent_r.dtype)).sum() if entropy else 0)
         loss_r.backward()
 
@@ -201,7 +205,7 @@ def test_gradient_from_one_output_only(backend):
     x = kernel_leaf(base, backend)
     x64 = base.double().requires_grad_()
     with fastppo.use_backend(backend):
-        lp, ent = fastppo.logprobs_and_entropy(x, to_kernel_device(y, backend), temperature=1.5)
+        _lp, ent = fastppo.logprobs_and_entropy(x, to_kernel_device(y, backend), temperature=1.5)
     ent.sum().backward()  # logprobs unused: its gradient is None inside the backward
     plain_logprobs_entropy(x64, y, 1.5, dtype=torch.float64)[1].sum().backward()
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=0, atol=1e-6)
@@ -254,7 +258,7 @@ def test_inplace_backward(backend, dtype):
         w_ = w.clone().requires_grad_()
         logits = h @ w_.T
         seen = {}
-        logits.register_hook(lambda g: seen.setdefault("g", g))
+        logits.register_hook(lambda g, seen=seen: seen.setdefault("g", g))
         with fastppo.use_backend(backend):
             lp, ent = fastppo.logprobs_and_entropy(logits[:, :-1], y, temperature=0.8, inplace_backward=inplace)
         (lp.sum() + 0.5 * ent.sum()).backward()
@@ -309,7 +313,7 @@ def test_expanded_logits_inplace_falls_back():
     for backend in BACKENDS:
         row, y = kernel_leaf(row_cpu, backend), to_kernel_device(y_cpu, backend)
         with fastppo.use_backend(backend):
-            lp, ent = fastppo.logprobs_and_entropy(row.expand(3, 40) * 1.0, y, inplace_backward=True)
+            lp, _ent = fastppo.logprobs_and_entropy(row.expand(3, 40) * 1.0, y, inplace_backward=True)
             lp.sum().backward()
             g_inplace = row.grad.clone()
             row.grad = None

@@ -26,11 +26,14 @@ def test_chunk_rows_bound():
     assert R.chunk_rows(10**9, torch.float32) == 1
 
 
-@pytest.mark.parametrize("shape,view", [
-    ((4, 9, 16), lambda t: t[:, :-1]),  # T = 8 > rows per chunk: chunks inside each sequence
-    ((9, 2, 16), lambda t: t[:, :-1]),  # T = 1 <= rows per chunk: several sequences per chunk
-    ((23, 16), lambda t: t),  # 2-D, one row stride
-])
+@pytest.mark.parametrize(
+    "shape,view",
+    [
+        ((4, 9, 16), lambda t: t[:, :-1]),  # T = 8 > rows per chunk: chunks inside each sequence
+        ((9, 2, 16), lambda t: t[:, :-1]),  # T = 1 <= rows per chunk: several sequences per chunk
+        ((23, 16), lambda t: t),  # 2-D, one row stride
+    ],
+)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_chunked_matches_plain(tiny_chunks, shape, view, inplace):
     base = torch.randn(*shape, dtype=torch.float64)
@@ -75,7 +78,7 @@ def test_forward_never_holds_full_float32_copy(tiny_chunks):
     # Only per-row statistics are saved: the logits themselves, labels, [N] vectors and the [2, N]
     # row max / log-sum; nothing of size N x V (V = 16 > 2 here, so a chunk copy would show).
     x = torch.randn(10, 16, dtype=torch.bfloat16, requires_grad=True)
-    lp, ent = R.logprobs_and_entropy_torch(x, torch.randint(0, 16, (10,)))
+    lp, _ent = R.logprobs_and_entropy_torch(x, torch.randint(0, 16, (10,)))
     saved = lp.grad_fn.saved_tensors
     assert saved[0] is x or saved[0].data_ptr() == x.data_ptr()
     assert all(t.numel() in (10, 20) for t in saved[1:] if t is not None)
@@ -162,7 +165,14 @@ def test_linear_dispatches_to_triton_interface(monkeypatch):
     calls = {}
 
     def fake(hidden2d, weight, labels1d, bias, *, temperature, ignore_index, entropy):
-        calls.update(hidden=hidden2d.shape, labels=(labels1d.shape, labels1d.dtype), bias=bias, t=temperature, ig=ignore_index, ent=entropy)
+        calls.update(
+            hidden=hidden2d.shape,
+            labels=(labels1d.shape, labels1d.dtype),
+            bias=bias,
+            t=temperature,
+            ig=ignore_index,
+            ent=entropy,
+        )
         n, dev = hidden2d.shape[0], hidden2d.device
         return torch.zeros(n, device=dev), (torch.ones(n, device=dev) if entropy else None)
 

@@ -39,7 +39,13 @@ def test_transformers_probe_is_harmless(cwd):
         "print(sorted(k for k in sys.modules if k.startswith('kernels.')));"
         "print(is_kernels_available())"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT if cwd == "root" else ROOT / "tests", capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT if cwd == "root" else ROOT / "tests",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     origin, submodules, available = out.stdout.strip().splitlines()
     assert submodules == "[]", out.stdout
     assert available == "False", out.stdout
@@ -50,12 +56,24 @@ def test_transformers_probe_is_harmless(cwd):
 def test_nothing_imports_top_level_kernels():
     """No source file may `import kernels` / `from kernels import ...` (only `fastppo.kernels`)."""
     offenders = []
-    for path in [*ROOT.glob("fastppo/**/*.py"), *ROOT.glob("kernels/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/**/*.py")]:
+    for path in [
+        *ROOT.glob("fastppo/**/*.py"),
+        *ROOT.glob("kernels/**/*.py"),
+        *ROOT.glob("tests/**/*.py"),
+        *ROOT.glob("bench/**/*.py"),
+    ]:
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import) and any(a.name == "kernels" or a.name.startswith("kernels.") for a in node.names):
+            if isinstance(node, ast.Import) and any(
+                a.name == "kernels" or a.name.startswith("kernels.") for a in node.names
+            ):
                 offenders.append(str(path))
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (node.module == "kernels" or node.module.startswith("kernels.")):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module
+                and (node.module == "kernels" or node.module.startswith("kernels."))
+            ):
                 offenders.append(str(path))
     assert not offenders, f"top-level `kernels` imported in {offenders}"
 
@@ -66,9 +84,14 @@ def test_kernels_init_has_no_side_effects():
     tree = ast.parse((ROOT / "kernels" / "__init__.py").read_text())
     body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
     assert body == [], "kernels/__init__.py must stay free of code"
-    code = "import os, sys; before = dict(os.environ); import fastppo.kernels; print(sorted(m for m in sys.modules if m.startswith('fastppo.kernels.')), dict(os.environ) == before)"
+    code = (
+        "import os, sys; before = dict(os.environ); import fastppo.kernels; "
+        "print(sorted(m for m in sys.modules if m.startswith('fastppo.kernels.')), dict(os.environ) == before)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True, check=True, env=env
+    )
     assert out.stdout.strip() == "[] True", out.stdout
 
 

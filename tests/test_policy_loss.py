@@ -109,10 +109,14 @@ def run(backend, lp, old, adv, mask, **opts):
 
 # ----------------------------------------------------------------------------- reference vs loop
 @pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("opts", [{}, {"clip_high": 0.28}, {"dual_clip": 1.5}, {"clip_low": 0.1, "clip_high": 0.3, "dual_clip": 3.0}])
+@pytest.mark.parametrize(
+    "opts", [{}, {"clip_high": 0.28}, {"dual_clip": 1.5}, {"clip_low": 0.1, "clip_high": 0.3, "dual_clip": 3.0}]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_reference_matches_loop(agg, opts, dtype):
-    lp, old, adv, mask = (x.to(dtype) if x.is_floating_point() else x for x in make_inputs((2, 3, 9), mask_kind="row", spread=1.0))
+    lp, old, adv, mask = (
+        x.to(dtype) if x.is_floating_point() else x for x in make_inputs((2, 3, 9), mask_kind="row", spread=1.0)
+    )
     loss, grad, stats = run("torch", lp, old, adv, mask, agg=agg, **opts)
     want, want_grad, want_stats, _ = loop_policy(lp, old, adv, mask, agg=agg, **opts)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -130,7 +134,10 @@ def test_reference_matches_loop(agg, opts, dtype):
 def test_reference_gradcheck(agg, dual_clip):
     lp, old, adv, mask = (x.double() if x.is_floating_point() else x for x in make_inputs((3, 5), mask_kind="row"))
     lp.requires_grad_()
-    fn = lambda x: fastppo.reference.losses.policy_loss(x, old, adv, mask, clip_high=0.3, dual_clip=dual_clip, agg=agg)[0]  # noqa: E731
+
+    def fn(x):
+        return fastppo.reference.losses.policy_loss(x, old, adv, mask, clip_high=0.3, dual_clip=dual_clip, agg=agg)[0]
+
     assert torch.autograd.gradcheck(fn, (lp,), eps=1e-6, atol=1e-8)
 
 
@@ -140,9 +147,21 @@ CASES = {
     "2d": ((3, 37), "contiguous", "holes", False, {"clip_high": 0.28}),
     "3d_seqsum_dual": ((2, 3, 5), "contiguous", "row", False, {"agg": "seq-mean-token-sum", "dual_clip": 1.5}),
     "1x1": ((1, 1), "contiguous", "all", False, {"agg": "seq-mean-token-mean"}),
-    "two_blocks_slice": ((2, 600), "slice", "row", False, {"agg": "seq-mean-token-mean", "clip_low": 0.1, "clip_high": 0.3, "dual_clip": 3.0}),
+    "two_blocks_slice": (
+        (2, 600),
+        "slice",
+        "row",
+        False,
+        {"agg": "seq-mean-token-mean", "clip_low": 0.1, "clip_high": 0.3, "dual_clip": 3.0},
+    ),
     "transpose_norm": ((5, 9), "transpose", "holes", True, {"normalizer": 100.0, "dual_clip": 2.0}),
-    "seqsum_tensor_norm": ((4, 7), "slice", "row", False, {"agg": "seq-mean-token-sum", "normalizer": torch.tensor(3.0)}),
+    "seqsum_tensor_norm": (
+        (4, 7),
+        "slice",
+        "row",
+        False,
+        {"agg": "seq-mean-token-sum", "normalizer": torch.tensor(3.0)},
+    ),
     "permute_3d": ((3, 2, 11), "permute", "holes", False, {"agg": "seq-mean-token-mean", "dual_clip": 1.5}),
 }
 
@@ -218,7 +237,13 @@ def test_all_masked_batch(backend, agg):
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(lp.grad, torch.zeros_like(lp))
-    assert {k: v.item() for k, v in stats.items()} == {"clip_frac": 0.0, "clip_frac_lower": 0.0, "approx_kl": 0.0, "ratio_max": 1.0, "ratio_min": 1.0}
+    assert {k: v.item() for k, v in stats.items()} == {
+        "clip_frac": 0.0,
+        "clip_frac_lower": 0.0,
+        "approx_kl": 0.0,
+        "ratio_max": 1.0,
+        "ratio_min": 1.0,
+    }
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -344,7 +369,16 @@ def _good():
         ({"mask": torch.ones(2, 4)}, TypeError, "mask must be a bool or integer"),
         ({"logprobs": [[0.0] * 4] * 2}, TypeError, "logprobs must be a torch.Tensor"),
         ({"mask": torch.ones(2, 4, dtype=torch.bool, device="meta")}, ValueError, "mask is on meta"),
-        ({"logprobs": torch.tensor(0.0), "old_logprobs": torch.tensor(0.0), "advantages": torch.tensor(0.0), "mask": torch.tensor(True)}, ValueError, "logprobs must have shape \\[..., T\\]"),
+        (
+            {
+                "logprobs": torch.tensor(0.0),
+                "old_logprobs": torch.tensor(0.0),
+                "advantages": torch.tensor(0.0),
+                "mask": torch.tensor(True),
+            },
+            ValueError,
+            "logprobs must have shape \\[..., T\\]",
+        ),
         ({"clip_low": 0.0}, ValueError, "clip_low must be in"),
         ({"clip_low": 1.0}, ValueError, "clip_low must be in"),
         ({"clip_low": math.nan}, ValueError, "clip_low must be in"),
@@ -403,7 +437,9 @@ def test_constants_get_no_gradient(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
 def test_empty_input(backend, shape):
-    lp, old, adv, mask = to_kernel_device(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), torch.ones(shape, dtype=torch.bool), backend=backend)
+    lp, old, adv, mask = to_kernel_device(
+        torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), torch.ones(shape, dtype=torch.bool), backend=backend
+    )
     lp.requires_grad_()
     with fastppo.use_backend(backend):
         loss, stats = fastppo.policy_loss(lp, old, adv, mask)

@@ -33,8 +33,9 @@ def reference_support(logits_row, top_k, top_p):
     return set(kept)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (1, 1.0), (5, 1.0), (0, 0.5), (0, 0.95), (10, 0.7), (3, 0.01),
-                                         (40, 0.999)])
+@pytest.mark.parametrize(
+    "top_k,top_p", [(0, 1.0), (1, 1.0), (5, 1.0), (0, 0.5), (0, 0.95), (10, 0.7), (3, 0.01), (40, 0.999)]
+)
 def test_filter_support_matches_a_loop_and_hf_warpers(top_k, top_p):
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -65,8 +66,13 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
         probs = torch.where(keep, scaled, torch.tensor(float("-inf"))).softmax(-1)
         mode = "filter" if top_k or top_p < 1 else "sample"
         tokens, logprobs = sample_tokens(
-            logits.expand(n, -1), mode=mode, temperature=t(temperature), top_k=t(top_k, torch.int64), top_p=t(top_p),
-            generator=torch.Generator().manual_seed(1))
+            logits.expand(n, -1),
+            mode=mode,
+            temperature=t(temperature),
+            top_k=t(top_k, torch.int64),
+            top_p=t(top_p),
+            generator=torch.Generator().manual_seed(1),
+        )
         counts = torch.bincount(tokens, minlength=logits.numel()).double()
         expected = probs.double() * n
         sigma = (n * probs.double() * (1 - probs.double())).sqrt()
@@ -90,15 +96,24 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(64, 30, generator=g)
     for k, p in [(1, 1.0), (0, 1e-6)]:
-        tokens, _ = sample_tokens(logits, mode="filter", temperature=t(1.3), top_k=t(k, torch.int64), top_p=t(p),
-                                  generator=torch.Generator().manual_seed(4))
+        tokens, _ = sample_tokens(
+            logits,
+            mode="filter",
+            temperature=t(1.3),
+            top_k=t(k, torch.int64),
+            top_p=t(p),
+            generator=torch.Generator().manual_seed(4),
+        )
         assert torch.equal(tokens, logits.argmax(-1))
 
 
 def test_seeded_generator_reproducible():
     logits = torch.randn(16, 100)
+
     def draw(seed):
-        return sample_tokens(logits, mode="sample", temperature=t(1.0), generator=torch.Generator().manual_seed(seed))[0]
+        return sample_tokens(logits, mode="sample", temperature=t(1.0), generator=torch.Generator().manual_seed(seed))[
+            0
+        ]
 
     assert torch.equal(draw(5), draw(5))
     assert not torch.equal(draw(5), draw(6))
@@ -118,7 +133,9 @@ def test_sampling_captures_in_a_cuda_graph_without_sync():
     out = torch.zeros(32, dtype=torch.int64, device=dev)
 
     def body():
-        out.copy_(sample_tokens(logits, mode="filter", temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)[0])
+        out.copy_(
+            sample_tokens(logits, mode="filter", temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)[0]
+        )
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -123,7 +123,13 @@ CASES = {
     "1x1": ((1, 1), "contiguous", "all", False, {"agg": "seq-mean-token-mean", "clip": 0.1}),
     "two_blocks_slice": ((2, 600), "slice", "row", False, {"agg": "seq-mean-token-mean", "clip": 0.2}),
     "transpose_norm": ((5, 9), "transpose", "holes", True, {"normalizer": 50.0, "clip": 0.3}),
-    "permute_3d_tensor_norm": ((3, 2, 11), "permute", "holes", False, {"agg": "seq-mean-token-sum", "normalizer": torch.tensor(4), "clip": 0.2}),
+    "permute_3d_tensor_norm": (
+        (3, 2, 11),
+        "permute",
+        "holes",
+        False,
+        {"agg": "seq-mean-token-sum", "normalizer": torch.tensor(4), "clip": 0.2},
+    ),
 }
 
 

@@ -17,7 +17,7 @@ logits, and in :func:`linear_logprobs_and_entropy_torch` the ``[N, V]`` logits n
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -65,7 +65,7 @@ def _row_chunks(x3: torch.Tensor, rows: int) -> Iterator[tuple[int, int, torch.T
     ``o == 1`` or ``t == T``) with ``r1 - r0 <= rows``: callers read it, or write into it in place.
     """
     O, T, _ = x3.shape
-    if T <= rows:  # whole inner rows, several outer indices per chunk
+    if rows >= T:  # whole inner rows, several outer indices per chunk
         per = rows // T
         for o0 in range(0, O, per):
             o1 = min(O, o0 + per)
@@ -149,7 +149,9 @@ class LogprobsEntropyTorch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature: float, ignore_index: int, compute_entropy: bool, inplace_backward: bool):
+    def forward(
+        ctx, logits, labels, temperature: float, ignore_index: int, compute_entropy: bool, inplace_backward: bool
+    ):
         x3 = rows3d(logits)
         V = logits.shape[-1]
         cd = result_dtype(logits)
@@ -185,10 +187,21 @@ class LogprobsEntropyTorch(torch.autograd.Function):
         else:
             out3 = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
             grad = out3.view(logits.shape)
-        for (r0, r1, view), (_, _, out) in zip(_row_chunks(x3, chunk_rows(V, cd)), _row_chunks(out3, chunk_rows(V, cd))):
+        for (r0, r1, view), (_, _, out) in zip(
+            _row_chunks(x3, chunk_rows(V, cd)), _row_chunks(out3, chunk_rows(V, cd))
+        ):
             z = _load_chunk(view, temperature, cd)
             gs = None if g_ent is None else g_ent[r0:r1]
-            dz = _chunk_backward(z, labels[r0:r1], stats[:, r0:r1], None if ent is None else ent[r0:r1], g_lp[r0:r1], gs, ignore_index, temperature)
+            dz = _chunk_backward(
+                z,
+                labels[r0:r1],
+                stats[:, r0:r1],
+                None if ent is None else ent[r0:r1],
+                g_lp[r0:r1],
+                gs,
+                ignore_index,
+                temperature,
+            )
             out.copy_(dz.view(out.shape))
         return grad, None, None, None, None, None
 
@@ -207,12 +220,16 @@ def _overlapping(x3: torch.Tensor) -> bool:
     return O > 1 and so < extent
 
 
-def logprobs_and_entropy_torch(logits, labels, *, temperature=1.0, ignore_index=-100, entropy=True, inplace_backward=False):
+def logprobs_and_entropy_torch(
+    logits, labels, *, temperature=1.0, ignore_index=-100, entropy=True, inplace_backward=False
+):
     """Reference path: ``logits [..., V]`` (viewable by :func:`rows3d`), ``labels [N]`` int64, N = numel // V.
 
     Returns ``(logprobs [N], entropy [N] or None)``; the caller validated the inputs.
     """
-    return LogprobsEntropyTorch.apply(logits, labels, float(temperature), int(ignore_index), bool(entropy), bool(inplace_backward))
+    return LogprobsEntropyTorch.apply(
+        logits, labels, float(temperature), int(ignore_index), bool(entropy), bool(inplace_backward)
+    )
 
 
 class LinearLogprobsEntropyTorch(torch.autograd.Function):
@@ -268,7 +285,16 @@ class LinearLogprobsEntropyTorch(torch.autograd.Function):
             h = hidden[r0:r1].to(cd)
             z = _linear_chunk(h, w, b, temperature)
             gs = None if g_ent is None else g_ent[r0:r1]
-            dz = _chunk_backward(z, labels[r0:r1], stats[:, r0:r1], None if ent is None else ent[r0:r1], g_lp[r0:r1], gs, ignore_index, temperature)
+            dz = _chunk_backward(
+                z,
+                labels[r0:r1],
+                stats[:, r0:r1],
+                None if ent is None else ent[r0:r1],
+                g_lp[r0:r1],
+                gs,
+                ignore_index,
+                temperature,
+            )
             if dh is not None:
                 dh[r0:r1] = dz @ w
             if dw is not None:
@@ -285,9 +311,13 @@ def _linear_chunk(h, w, b, temperature):
     return z.div_(temperature)
 
 
-def linear_logprobs_and_entropy_torch(hidden, weight, labels, bias=None, *, temperature=1.0, ignore_index=-100, entropy=True):
+def linear_logprobs_and_entropy_torch(
+    hidden, weight, labels, bias=None, *, temperature=1.0, ignore_index=-100, entropy=True
+):
     """Reference path: ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]`` int64, ``bias [V]`` or None.
 
     Returns ``(logprobs [N], entropy [N] or None)``; the caller validated the inputs.
     """
-    return LinearLogprobsEntropyTorch.apply(hidden, weight, bias, labels, float(temperature), int(ignore_index), bool(entropy))
+    return LinearLogprobsEntropyTorch.apply(
+        hidden, weight, bias, labels, float(temperature), int(ignore_index), bool(entropy)
+    )

@@ -70,7 +70,18 @@ def _masked_extreme(x: torch.Tensor, mask: torch.Tensor, reduce, fill: float) ->
     return torch.where(mask.any(), ext, torch.ones_like(ext)).float()
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", normalizer=None):
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    normalizer=None,
+):
     """PPO clipped surrogate. ``[..., T]`` inputs, ``mask`` bool. Returns ``(loss, stats)``.
 
     ``ratio = exp(clamp(logprobs - old_logprobs, -20, 20))``,
