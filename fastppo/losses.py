@@ -156,7 +156,7 @@ def value_loss(
         agg, normalizer: as in :func:`policy_loss`.
 
     Per token: ``l = 0.5 (v - R)^2``, or with ``clip``:
-    ``l = 0.5 max((v - R)^2, (old + clamp(v - old, -c, c) - R)^2)``.
+    ``l = 0.5 max((v - R)^2, (clamp(v, old - c, old + c) - R)^2)``.
 
     Returns:
         loss: 0-dim float32 (float64 for float64 inputs).

@@ -5,9 +5,9 @@ Flow: ``_value_loss_fwd_kernel`` -> ``value_loss_fwd`` (launcher) -> ``ValueLoss
 
 Per token (float32), ``v`` values, ``o`` old values, ``R`` returns::
 
-    e1 = (v - R)^2,  e2 = (o + clamp(v - o, -c, c) - R)^2      (e2 only with clip = c)
+    e1 = (v - R)^2,  e2 = (clamp(v, o - c, o + c) - R)^2      (e2 only with clip = c)
     l = 0.5 max(e1, e2)
-    dl/dv = v - R when e1 wins, (o + clamp(v - o) - R) * [|v - o| <= c] when e2 wins.
+    dl/dv = v - R when e1 wins, (clamp(v, o - c, o + c) - R) * [o - c <= v <= o + c] when e2 wins.
 
 Aggregation as in :mod:`fastppo.kernels.policy_loss`: the kernel writes the unweighted gradient and
 per-program partial sums; torch turns the row counts into per-row weights (batch-wide counts are only
@@ -81,12 +81,15 @@ def _value_loss_fwd_kernel(
 
     diff = v - ret
     err = diff * diff
-    dv = v - old
-    diff_c = old + tl.minimum(tl.maximum(dv, -clip), clip) - ret
+    # v clamped to [old - c, old + c], not old + clamp(v - old, -c, c): the latter is not exactly v in
+    # float32 when nothing is clipped, and a rounding-only larger error would count as clipped.
+    lo = old - clip
+    hi = old + clip
+    diff_c = tl.minimum(tl.maximum(v, lo), hi) - ret
     err_c = diff_c * diff_c
     clipped = use_clip & (err_c > err)
     loss = tl.where(valid, 0.5 * tl.where(clipped, err_c, err), 0.0)
-    inside = (dv >= -clip) & (dv <= clip)
+    inside = (v >= lo) & (v <= hi)
     grad = tl.where(clipped, tl.where(inside, diff_c, 0.0), diff)
     grad = tl.where(valid, grad, 0.0)
     tl.store(GRAD + row * T + c, grad, mask=in_row & (tl.full((BLOCK,), store_grad, tl.int32) != 0))

@@ -127,7 +127,7 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
     """PPO value loss. ``[..., T]`` inputs, ``mask`` bool. Returns ``(loss, stats)``.
 
     ``l = 0.5 (v - R)^2``, or with ``clip = c``:
-    ``l = 0.5 max((v - R)^2, (old + clamp(v - old, -c, c) - R)^2)``; then ``aggregate(l, mask, agg, normalizer)``.
+    ``l = 0.5 max((v - R)^2, (clamp(v, old - c, old + c) - R)^2)``; then ``aggregate(l, mask, agg, normalizer)``.
     Gradient flows to ``values`` only.
     """
     dtype = result_dtype(values, old_values, returns)
@@ -136,7 +136,9 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
     err = (v - ret) ** 2
     if clip is not None:
         old = _clean(old_values.detach(), mask, dtype)
-        v_clipped = old + torch.clamp(v - old, -clip, clip)
+        # clamp v itself (as verl/TRL): old + clamp(v - old, -c, c) is not exactly v in float32 when
+        # nothing is clipped, and a larger error by rounding alone would count in clip_frac
+        v_clipped = torch.clamp(v, old - clip, old + clip)
         err_clipped = (v_clipped - ret) ** 2
         per_token = 0.5 * torch.maximum(err, err_clipped)
         clipped = err_clipped > err
