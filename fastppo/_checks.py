@@ -1,4 +1,5 @@
-"""Input validation shared by the public functions.
+"""Input validation shared by every public function: one validator for numbers and flags, one set of
+tensor checks.
 
 Every error names the offending argument, so that bad input fails here with a clear message
 instead of as a NaN, a crash deep inside Triton, or a wrong answer.
@@ -6,6 +7,8 @@ instead of as a NaN, a crash deep inside Triton, or a wrong answer.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +16,94 @@ import torch
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# --------------------------------------------------------------------------------------------------
+# Python values: numbers, flags, choices
+# --------------------------------------------------------------------------------------------------
+def _is_bool(value) -> bool:
+    # numpy's bool_ is not a Python bool (nor a numbers.Integral), but it is a flag all the same
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def _scalar(name: str, value, *, integer: bool):
+    """``value`` as a Python int/float: accepts Python and numpy real scalars and 0-dim real tensors
+    (``numpy.float32(0.7)``, ``torch.tensor(0.7)``); bools are flags, never numbers."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            what = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            raise TypeError(f"{name} must be {kind} (a 0-dim real tensor is accepted), got {what}")
+        if integer and value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be {kind}, got a {value.dtype} tensor")
+        return value.item()  # a host read: a sync for a CUDA tensor, once per call
+    wanted = numbers.Integral if integer else numbers.Real
+    if _is_bool(value) or not isinstance(value, wanted):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    return int(value) if integer else float(value)
+
+
+def _bounds(gt, ge, lt, le) -> str:
+    low = f"({gt}" if gt is not None else (f"[{ge}" if ge is not None else None)
+    high = f"{lt})" if lt is not None else (f"{le}]" if le is not None else None)
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f"> {gt}" if gt is not None else f">= {ge}"
+    if high:
+        return f"< {lt}" if lt is not None else f"<= {le}"
+    return "finite"
+
+
+def check_number(
+    name: str,
+    value,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    integer: bool = False,
+    allow_none: bool = False,
+):
+    """Validate a real number (an int with ``integer=True``) and return it as a Python ``float``/``int``.
+
+    Accepts Python and numpy scalars and 0-dim real tensors; rejects bools, NaN and infinities.
+    ``gt``/``ge``/``lt``/``le`` are the strict/inclusive bounds. ``None`` passes (and is returned)
+    only with ``allow_none``. Raises ``TypeError`` for a value of the wrong kind, ``ValueError`` for
+    one out of bounds, naming ``name`` in both.
+    """
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got None")
+    x = _scalar(name, value, integer=integer)
+    ok = math.isfinite(x)
+    ok = ok and (gt is None or x > gt) and (ge is None or x >= ge)
+    ok = ok and (lt is None or x < lt) and (le is None or x <= le)
+    if not ok:
+        raise ValueError(f"{name} must be {_bounds(gt, ge, lt, le)}, got {value!r}")
+    return x
+
+
+def check_bool(name: str, value, *, allow_none: bool = False) -> bool | None:
+    """A flag: ``True`` or ``False`` (numpy's bool too), ``None`` only with ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if not _is_bool(value):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_choice(name: str, value, choices: Iterable):
+    """``value`` is one of ``choices`` (compared with ``==``); returns it."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------------
 def check_tensor(name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -65,21 +156,6 @@ def check_same_device(pairs: dict) -> None:
             raise ValueError(
                 f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share one device"
             )
-
-
-def check_choice(name: str, value, choices: Iterable) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
