@@ -42,7 +42,36 @@ def _info() -> int:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU only)"
     print(f"cuda device   {dev}")
     print(f"backend       {fastppo.get_backend()}")
+    print(f"kernels       {_kernel_mode()}")
+    print(f"flash-attn    {_flash_attn()}")
     return 0
+
+
+def _kernel_mode() -> str:
+    """How the Triton kernels would run in this process (decided once, at their first import)."""
+    from fastppo._backend import triton_available
+
+    if not triton_available():
+        return "unavailable (triton does not import): every op takes the PyTorch path"
+    from fastppo._backend import interpreting
+
+    if interpreting():
+        return "interpreted (TRITON_INTERPRET=1): CPU tensors run the kernels under Triton's interpreter"
+    import torch
+
+    if torch.cuda.is_available():
+        return "compiled for the CUDA device"
+    return "compiled, but no CUDA device: CPU tensors take the PyTorch path (TRITON_INTERPRET=1 to interpret)"
+
+
+def _flash_attn() -> str:
+    import importlib.metadata
+
+    from fastppo.attention import flash_attn_available
+
+    if flash_attn_available():
+        return f"{importlib.metadata.version('flash-attn')} (used on CUDA: varlen prefill, decode with KV cache)"
+    return "not installed (PyTorch SDPA is used; pip install 'fastppo[flash]' adds it)"
 
 
 def main(argv=None) -> int:

@@ -5,9 +5,13 @@ numpy interpreter (``InterpretedFunction``), and a compiled kernel cannot call a
 or the reverse, so the choice is made once, for all our kernels, when this module is imported:
 
 * ``TRITON_INTERPRET=1`` in the environment: interpreter (CPU tensors; CUDA tensors are copied);
-* ``FASTPPO_TRITON_COMPILE=1``: compiled, even with no GPU (``compile_check`` compiles ahead of time);
-* otherwise: compiled when a CUDA device is present, interpreted when none is, so that
-  ``FASTPPO_BACKEND=triton`` works on a CPU-only machine without further setup.
+* otherwise: compiled (a GPU runs them; with none, ``compile_check`` still compiles them ahead of time).
+
+Interpretation cannot be switched on here for a CPU-only machine: Triton's own library functions
+(``tl.sum``, ``tl.max`` ...) are decorated when ``triton.language`` is first imported, under the
+``TRITON_INTERPRET`` of that moment, and compiled ones cannot run inside an interpreted kernel. So
+``FASTPPO_BACKEND=triton`` on CPU tensors without ``TRITON_INTERPRET=1`` set before the first import
+of triton gets a clear error (:func:`fastppo._backend.use_triton`), not an interpreter crash.
 """
 
 from __future__ import annotations
@@ -19,10 +23,7 @@ import os
 import torch
 import triton
 
-_env = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-_force_compile = os.environ.get("FASTPPO_TRITON_COMPILE", "0") == "1"
-
-INTERPRET: bool = _env or (not _force_compile and not torch.cuda.is_available())
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def on_device(t: torch.Tensor):

@@ -168,7 +168,6 @@ def main(argv=None) -> int:
 
     # Compile mode, even on a machine without a GPU. Triton fixes the mode when a kernel is decorated,
     # so this must happen before any kernel module is imported: run this as a fresh process.
-    os.environ["FASTPPO_TRITON_COMPILE"] = "1"
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = its current default
     jit_mod = sys.modules.get("fastppo.kernels._jit")

@@ -48,3 +48,46 @@ def test_masked_mean():
         fastppo.masked_mean(x, m.float())
     with pytest.raises(ValueError, match="mask"):
         fastppo.masked_mean(x, m[:, :2])
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    """Without TRITON_INTERPRET=1 every op forced onto Triton with CPU tensors raises fastppo's own
+    error, not Triton's "Cannot call @triton.jit'd outside of the scope of a kernel"."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, fastppo
+x, m = torch.randn(2, 8), torch.ones(2, 8, dtype=torch.bool)
+ops = {
+    "logprobs_and_entropy": lambda: fastppo.logprobs_and_entropy(x, torch.zeros(2, dtype=torch.long)),
+    "linear_logprobs_and_entropy": lambda: fastppo.linear_logprobs_and_entropy(x, x, torch.zeros(2, dtype=torch.long)),
+    "policy_loss": lambda: fastppo.policy_loss(x, x, x, m),
+    "value_loss": lambda: fastppo.value_loss(x, x, x, m),
+    "kl_penalty": lambda: fastppo.kl_penalty(x, x),
+    "gae": lambda: fastppo.gae(x, x, m),
+}
+for name, op in ops.items():
+    try:
+        op()
+        print(name, "ran")
+    except RuntimeError as e:
+        print(name, "TRITON_INTERPRET=1" in str(e))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTPPO_BACKEND"] = "triton"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    lines = out.stdout.split("\n")[:-1]
+    assert lines == [
+        f"{name} True"
+        for name in (
+            "logprobs_and_entropy",
+            "linear_logprobs_and_entropy",
+            "policy_loss",
+            "value_loss",
+            "kl_penalty",
+            "gae",
+        )
+    ], out.stdout + out.stderr
