@@ -17,7 +17,8 @@ import torch
 
 from fastppo._backend import use_triton
 from fastppo._checks import check_float, check_int, check_labels, check_same_device, check_shape, check_tensor
-from fastppo.reference.logprobs import linear_logprobs_and_entropy_torch, logprobs_and_entropy_torch, rows3d
+from fastppo._layout import rows3d
+from fastppo.reference.logprobs import linear_logprobs_and_entropy_torch, logprobs_and_entropy_torch
 
 
 def _check_options(temperature, ignore_index, entropy) -> None:

@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastppo._layout import overlapping_rows, rows3d
 from fastppo.kernels._jit import CompileSpec, jit, on_device
 from fastppo.kernels._lse import online_lse_finish, online_lse_step
-from fastppo.reference.logprobs import _overlapping, rows3d
 
 
 @jit
@@ -276,7 +276,7 @@ class LogprobsEntropyTriton(torch.autograd.Function):
             ent = None
         else:
             g_ent = g_ent.float().contiguous()
-        if inplace and not _overlapping(x3):
+        if inplace and not overlapping_rows(x3):
             out3, grad = x3, logits
         else:
             out3 = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)

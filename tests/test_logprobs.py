@@ -347,7 +347,7 @@ def test_triton_batch_invariance(V, dtype):
 
 
 def test_rows3d_reads_slice_without_copy():
-    from fastppo.reference.logprobs import rows3d
+    from fastppo._layout import rows3d
 
     full = torch.randn(2, 5, 7)
     v = rows3d(full[:, :-1])

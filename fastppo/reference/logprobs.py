@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from fastppo._layout import overlapping_rows, rows3d
 from fastppo.reference.common import result_dtype
 
 # Bound on one chunk of compute-dtype [rows, V] (~32 MiB): large enough that a chunk of a 150k
@@ -33,29 +34,6 @@ def chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
     """Rows per chunk so that ``rows * vocab_size`` elements of ``dtype`` fit in ``CHUNK_BYTES``."""
     elem = torch.empty((), dtype=dtype).element_size()
     return max(1, CHUNK_BYTES // (max(vocab_size, 1) * elem))
-
-
-def rows3d(x: torch.Tensor) -> torch.Tensor | None:
-    """A view ``[O, T, V]`` of ``x [..., V]`` (rows in C order, unit column stride), or None if none exists.
-
-    Row ``r`` of the flattened ``[N, V]`` lives at ``x3[r // T, r % T]``. A tensor with one row stride
-    (``[N, V]``, or any contiguous one) gives ``O = 1``; the common ``logits[:, :-1]`` of a
-    ``[B, L, V]`` tensor, which no single row stride describes, gives ``[B, L - 1, V]``. Both kernels
-    and the chunked reference read the rows through this view, so neither copies the logits.
-    """
-    V = x.shape[-1]
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    if V > 1 and x.stride(-1) != 1:
-        return None
-    try:
-        return x.view(1, -1, V)
-    except RuntimeError:
-        pass
-    try:
-        return x.view(-1, x.shape[-2], V)
-    except RuntimeError:
-        return None
 
 
 def _row_chunks(x3: torch.Tensor, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -182,7 +160,7 @@ class LogprobsEntropyTorch(torch.autograd.Function):
             g_lp = torch.zeros_like(stats[0])
         g_lp = g_lp.to(cd)
         g_ent = g_ent.to(cd) if (compute_entropy and g_ent is not None) else None
-        if inplace and not _overlapping(x3):
+        if inplace and not overlapping_rows(x3):
             out3, grad = x3, logits
         else:
             out3 = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
@@ -204,20 +182,6 @@ class LogprobsEntropyTorch(torch.autograd.Function):
             )
             out.copy_(dz.view(out.shape))
         return grad, None, None, None, None, None
-
-
-def _overlapping(x3: torch.Tensor) -> bool:
-    """Whether rows of ``x3 [O, T, V]`` may share memory (an expanded tensor): writing in place would be wrong.
-
-    Conservative: an unusual but disjoint layout (outer stride smaller than one outer slice) also
-    answers True, and the in-place backward then falls back to a fresh buffer.
-    """
-    O, T, V = x3.shape
-    so, st, _ = x3.stride()
-    if T > 1 and st < V:
-        return True
-    extent = (T - 1) * st + V if T > 1 else V
-    return O > 1 and so < extent
 
 
 def logprobs_and_entropy_torch(
