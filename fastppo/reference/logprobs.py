@@ -43,6 +43,8 @@ def _row_chunks(x3: torch.Tensor, rows: int) -> Iterator[tuple[int, int, torch.T
     ``o == 1`` or ``t == T``) with ``r1 - r0 <= rows``: callers read it, or write into it in place.
     """
     O, T, _ = x3.shape
+    if O * T == 0:  # no rows (an empty batch): nothing to yield
+        return
     if rows >= T:  # whole inner rows, several outer indices per chunk
         per = rows // T
         for o0 in range(0, O, per):
