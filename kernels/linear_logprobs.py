@@ -33,6 +33,7 @@ import triton.language as tl
 
 from fastppo.kernels._jit import INTERPRET, CompileSpec, jit, on_device
 from fastppo.kernels._lse import online_lse_finish, online_lse_step
+from fastppo.kernels._testing import NO_HOOKS, LaunchHooks, current_hooks
 from fastppo.kernels.linear_logprobs_bwd import _linear_dx_kernel, _linear_dz_kernel, _logits_tile, linear_backward
 
 
@@ -222,14 +223,7 @@ GPU_CONFIGS = {
 # few rows; wide vocabulary blocks, because its cost is per block (a 150k vocabulary in ~600 steps).
 INTERP_CONFIG = LinearConfig(fwd=Tiles(16, 256, 32, 4, 1), dz=Tiles(16, 256, 32, 4, 1), dx=Tiles(16, 256, 32, 4, 1))
 
-# Test hooks: force the number of vocabulary splits of the forward, or the backward's vocab chunk.
-FORCE_SPLITS: int | None = None
-FORCE_VOCAB_CHUNK: int | None = None
 COMBINE_BLOCK = 256
-
-# The constexprs (and config) of the most recent launch, for tests and debugging:
-# ``LAST_LAUNCH["fwd"]["ENTROPY"]`` tells which variant ran.
-LAST_LAUNCH: dict[str, dict] = {}
 
 
 def config_for(dtype: torch.dtype, aligned: bool) -> LinearConfig:
@@ -258,12 +252,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(N: int, V: int, device: torch.device, t: Tiles) -> int:
+def num_splits(N: int, V: int, device: torch.device, t: Tiles, force: int | None = None) -> int:
     """Vocabulary splits per token block: about 8 programs per SM in all (few tail waves), at most
-    one per vocabulary block. One split under the interpreter (nothing to fill)."""
+    one per vocabulary block. One split off CUDA (nothing to fill). ``force``: that many instead
+    (still at most one per vocabulary block)."""
     v_blocks = triton.cdiv(V, t.BLOCK_V)
-    if FORCE_SPLITS is not None:
-        want = FORCE_SPLITS
+    if force is not None:
+        want = force
     elif device.type != "cuda":
         want = 1
     else:
@@ -272,13 +267,14 @@ def num_splits(N: int, V: int, device: torch.device, t: Tiles) -> int:
     return max(1, min(v_blocks, want))
 
 
-def vocab_chunk(N: int, V: int, H: int, t: Tiles, two_halves: bool) -> int:
+def vocab_chunk(N: int, V: int, H: int, t: Tiles, two_halves: bool, force: int | None = None) -> int:
     """Columns per backward chunk, a multiple of ``t.BLOCK_V``: the ``[N, Vc]`` dlogits buffer plus
     the ``[N, H]`` bfloat16 ``lo`` half of d hidden stay near 4% of a bfloat16 ``[N, V]`` logits
     tensor (``Vc + H ~ V / 25``), but Vc >= 2048 so that each chunk's matmuls stay large, and a
-    single chunk when that is small anyway (2^22 elements)."""
-    if FORCE_VOCAB_CHUNK is not None:
-        vc = FORCE_VOCAB_CHUNK
+    single chunk when that is small anyway (2^22 elements). ``force``: that many columns instead
+    (rounded up to whole tiles)."""
+    if force is not None:
+        vc = force
     else:
         vc = max(V // 25 - (H if two_halves else 0), 2048, (1 << 22) // max(N, 1))
     vc = triton.cdiv(vc, t.BLOCK_V) * t.BLOCK_V
@@ -286,16 +282,26 @@ def vocab_chunk(N: int, V: int, H: int, t: Tiles, two_halves: bool) -> int:
 
 
 def linear_forward(
-    hidden, weight, bias32, labels, inv_temp: float, ignore_index: int, entropy: bool, cfg: LinearConfig, aligned: bool
+    hidden,
+    weight,
+    bias32,
+    labels,
+    inv_temp: float,
+    ignore_index: int,
+    entropy: bool,
+    cfg: LinearConfig,
+    aligned: bool,
+    hooks: LaunchHooks = NO_HOOKS,
 ):
     """Launch the forward: hidden [N, H], weight [V, H] (one dtype, unit stride along H), bias32 [V]
     float32 or None, labels [N] int64 contiguous. Returns ``(logprobs [N], entropy [N] or None, stats [2, N])`` float32,
-    ``stats`` = per-row max and log-sum (``lse = stats[0] + stats[1]``)."""
+    ``stats`` = per-row max and log-sum (``lse = stats[0] + stats[1]``). ``hooks``: see
+    :mod:`fastppo.kernels._testing` (``splits`` forced, the launch recorded as ``"fwd"``)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     t = cfg.fwd
-    S = num_splits(N, V, dev, t)
+    S = num_splits(N, V, dev, t, force=hooks.splits)
     split = triton.cdiv(triton.cdiv(V, t.BLOCK_V), S) * t.BLOCK_V  # a multiple of BLOCK_V
     S = triton.cdiv(V, split)  # every split non-empty
     part = torch.empty(4, S, N, dtype=torch.float32, device=dev)
@@ -303,8 +309,9 @@ def linear_forward(
     stats = torch.empty(2, N, dtype=torch.float32, device=dev)  # per row: max, then log-sum
     ent = torch.empty(N, dtype=torch.float32, device=dev) if entropy else None
     prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    LAST_LAUNCH["fwd"] = dict(
-        dataclasses.asdict(t),
+    hooks.note(
+        "fwd",
+        **dataclasses.asdict(t),
         ENTROPY=entropy,
         HAS_BIAS=bias32 is not None,
         ALIGNED=aligned,
@@ -374,11 +381,14 @@ class LinearLogprobsEntropyTriton(torch.autograd.Function):
         h, w = _unit_h(hidden.to(cd)), _unit_h(weight.to(cd))
         b32 = None if bias is None else bias.to(torch.float32).contiguous()
         aligned = is_aligned(h, w)
+        # Read here, in the caller's context: a CUDA backward runs on autograd's own thread.
+        hooks = current_hooks()
         lp, ent, stats = linear_forward(
-            h, w, b32, labels, 1.0 / temperature, ignore_index, compute_entropy, config_for(cd, aligned), aligned
+            h, w, b32, labels, 1.0 / temperature, ignore_index, compute_entropy, config_for(cd, aligned), aligned, hooks
         )
         ctx.save_for_backward(h, w, b32, labels, stats, ent)
         ctx.options = (temperature, ignore_index, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.hooks = hooks
         return lp, ent
 
     @staticmethod
@@ -398,9 +408,10 @@ class LinearLogprobsEntropyTriton(torch.autograd.Function):
         cfg = config_for(h.dtype, aligned)
         N, H = h.shape
         V = w.shape[0]
-        vc = vocab_chunk(N, V, H, cfg.dz, two_halves=h.dtype != torch.float32)
-        LAST_LAUNCH["bwd"] = dict(
-            dataclasses.asdict(cfg.dz),
+        vc = vocab_chunk(N, V, H, cfg.dz, two_halves=h.dtype != torch.float32, force=ctx.hooks.vocab_chunk)
+        ctx.hooks.note(
+            "bwd",
+            **dataclasses.asdict(cfg.dz),
             ENTROPY=use_ent,
             HAS_BIAS=b32 is not None,
             ALIGNED=aligned,

@@ -39,6 +39,7 @@ import triton.language as tl
 from fastppo._layout import overlapping_rows, rows3d
 from fastppo.kernels._jit import CompileSpec, jit, on_device
 from fastppo.kernels._lse import online_lse_finish, online_lse_step
+from fastppo.kernels._testing import NO_HOOKS, LaunchHooks, current_hooks
 
 
 @jit
@@ -170,16 +171,20 @@ def launch_config(V: int) -> dict:
 
 NUM_STAGES = 1  # a streaming reduction: no dot to pipeline, and shared-memory staging would only cost occupancy
 
-# The constexprs (and config) of the most recent launch of each kernel, for tests and debugging:
-# ``LAST_LAUNCH["fwd"]["COMPUTE_ENTROPY"]`` tells which variant ran.
-LAST_LAUNCH: dict[str, dict] = {}
 
-
-def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int, entropy: bool):
+def logprobs_forward(
+    x3: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: float,
+    ignore_index: int,
+    entropy: bool,
+    hooks: LaunchHooks = NO_HOOKS,
+):
     """Launch the forward on ``x3 [O, T, V]`` (unit column stride), ``labels [N]`` int64 contiguous.
 
     Returns ``(logprobs [N], entropy [N] or None, stats [2, N])``, float32; ``stats`` holds each row's
-    max and log-sum (``lse = stats[0] + stats[1]``), what the backward needs.
+    max and log-sum (``lse = stats[0] + stats[1]``), what the backward needs. ``hooks``
+    (:mod:`fastppo.kernels._testing`) records the launch as ``"fwd"``.
     """
     O, T, V = x3.shape
     N = O * T
@@ -188,7 +193,7 @@ def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, inv_temp: float, ig
     ent = torch.empty(N, dtype=torch.float32, device=x3.device) if entropy else None
     cfg = launch_config(V)
     grid = (triton.cdiv(N, cfg["ROWS"]),)
-    LAST_LAUNCH["fwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype)
+    hooks.note("fwd", **cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype)
     with on_device(x3):
         _logprobs_fwd_kernel[grid](
             x3,
@@ -212,18 +217,20 @@ def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, inv_temp: float, ig
     return lp, ent, stats
 
 
-def logprobs_backward(x3, out3, labels, stats, ent, g_lp, g_ent, inv_temp: float, ignore_index: int):
+def logprobs_backward(
+    x3, out3, labels, stats, ent, g_lp, g_ent, inv_temp: float, ignore_index: int, hooks: LaunchHooks = NO_HOOKS
+):
     """Launch the backward: reads ``x3 [O, T, V]``, writes ``out3`` (same shape; may be ``x3`` itself).
 
     ``ent``/``g_ent`` are None for the variant without entropy; ``stats`` is the forward's ``[2, N]``,
-    the others are ``[N]`` float32 contiguous.
+    the others are ``[N]`` float32 contiguous. ``hooks`` records the launch as ``"bwd"``.
     """
     O, T, V = x3.shape
     N = O * T
     entropy = ent is not None
     cfg = launch_config(V)
     grid = (triton.cdiv(N, cfg["ROWS"]),)
-    LAST_LAUNCH["bwd"] = dict(cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype, inplace=out3.data_ptr() == x3.data_ptr())
+    hooks.note("bwd", **cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype, inplace=out3.data_ptr() == x3.data_ptr())
     with on_device(x3):
         _logprobs_bwd_kernel[grid](
             x3,
@@ -259,10 +266,12 @@ class LogprobsEntropyTriton(torch.autograd.Function):
         ctx, logits, labels, temperature: float, ignore_index: int, compute_entropy: bool, inplace_backward: bool
     ):
         x3 = rows3d(logits)
-        lp, ent, stats = logprobs_forward(x3, labels, 1.0 / temperature, ignore_index, compute_entropy)
+        hooks = current_hooks()  # read in the caller's context: a CUDA backward runs on autograd's own thread
+        lp, ent, stats = logprobs_forward(x3, labels, 1.0 / temperature, ignore_index, compute_entropy, hooks)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
         ctx.save_for_backward(logits, labels, stats, ent)
         ctx.options = (temperature, ignore_index, inplace_backward)
+        ctx.hooks = hooks
         return lp, ent
 
     @staticmethod
@@ -281,7 +290,7 @@ class LogprobsEntropyTriton(torch.autograd.Function):
         else:
             out3 = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
             grad = out3.view(logits.shape)
-        logprobs_backward(x3, out3, labels, stats, ent, g_lp, g_ent, 1.0 / temperature, ignore_index)
+        logprobs_backward(x3, out3, labels, stats, ent, g_lp, g_ent, 1.0 / temperature, ignore_index, ctx.hooks)
         if out3 is x3:
             # The kernel wrote through a raw pointer: bump the version counter, so that autograd raises
             # (instead of silently using the gradient) if another op saved these logits for its backward.

@@ -11,6 +11,7 @@ import torch
 import fastppo
 from fastppo._backend import interpreting
 from fastppo.kernels import linear_logprobs as K
+from fastppo.kernels._testing import launch_overrides, record_launches
 from tests._tol import assert_within_rule
 
 DEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
@@ -119,29 +120,30 @@ def test_matches_fp64(dtype, bias):
     N, H, V = 37, 45, 1000
     hidden, weight, b, y = make(N, H, V, dtype, bias=bias, ignored=(3, 20))
     wide = torch.cat([torch.randn(N, 3).to(dtype), hidden, torch.randn(N, 4).to(dtype)], dim=1)
-    check(wide, weight, b, y, view=lambda t: t[:, 3 : 3 + H], temperature=0.7)
-    assert K.LAST_LAUNCH["fwd"]["HAS_BIAS"] is bias and K.LAST_LAUNCH["fwd"]["ENTROPY"] is True
-    assert K.LAST_LAUNCH["fwd"]["ALIGNED"] is False  # H = 45
+    with record_launches() as launches:
+        check(wide, weight, b, y, view=lambda t: t[:, 3 : 3 + H], temperature=0.7)
+    assert launches["fwd"]["HAS_BIAS"] is bias and launches["fwd"]["ENTROPY"] is True
+    assert launches["fwd"]["ALIGNED"] is False  # H = 45
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_fp64_aligned(dtype):
     # H = 48 and contiguous rows: the ALIGNED variant (vectorization hints on the GPU).
     hidden, weight, b, y = make(21, 48, 700, dtype, ignored=(1,))
-    check(hidden, weight, b, y, temperature=1.2)
-    assert K.LAST_LAUNCH["fwd"]["ALIGNED"] is True and K.LAST_LAUNCH["bwd"]["ALIGNED"] is True
+    with record_launches() as launches:
+        check(hidden, weight, b, y, temperature=1.2)
+    assert launches["fwd"]["ALIGNED"] is True and launches["bwd"]["ALIGNED"] is True
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_vocab_splits_and_backward_chunks(dtype, monkeypatch):
+def test_vocab_splits_and_backward_chunks(dtype):
     # 3 forward splits (merged by the combine kernel) and 5 backward chunks (d hidden accumulated in
     # hi/lo halves across them: first, middle and last variants), with ignore_index = 5.
-    monkeypatch.setattr(K, "FORCE_SPLITS", 3)
-    monkeypatch.setattr(K, "FORCE_VOCAB_CHUNK", 256)
     hidden, weight, b, y = make(20, 40, 1100, dtype, ignored=(0, 7), ignore_index=5)
-    check(hidden, weight, b, y, temperature=1.3, ignore_index=5)
-    assert K.LAST_LAUNCH["fwd"]["splits"] == 3
-    assert K.LAST_LAUNCH["bwd"]["chunks"] == 5
+    with launch_overrides(splits=3, vocab_chunk=256), record_launches() as launches:
+        check(hidden, weight, b, y, temperature=1.3, ignore_index=5)
+    assert launches["fwd"]["splits"] == 3
+    assert launches["bwd"]["chunks"] == 5
 
 
 @pytest.mark.parametrize("dtype,aligned", [(torch.float32, True), (torch.bfloat16, True), (torch.float16, False)])
@@ -150,11 +152,11 @@ def test_gpu_tiles(dtype, aligned, monkeypatch):
     # backward chunks; H = 80 passes ``is_aligned``, H = 70 does not (the fallback tiles).
     cfg = K.GPU_CONFIGS[("32" if dtype == torch.float32 else "16", aligned)]
     monkeypatch.setattr(K, "config_for", lambda _dtype, _aligned: cfg)
-    monkeypatch.setattr(K, "FORCE_VOCAB_CHUNK", 128)
     hidden, weight, b, y = make(9, 80 if aligned else 70, 300, dtype, ignored=(4,))
-    check(hidden, weight, b, y, temperature=0.8)
-    assert K.LAST_LAUNCH["fwd"]["BLOCK_V"] == cfg.fwd.BLOCK_V and K.LAST_LAUNCH["bwd"]["chunks"] == 3
-    assert K.LAST_LAUNCH["fwd"]["ALIGNED"] is aligned and K.LAST_LAUNCH["bwd"]["ALIGNED"] is aligned
+    with launch_overrides(vocab_chunk=128), record_launches() as launches:
+        check(hidden, weight, b, y, temperature=0.8)
+    assert launches["fwd"]["BLOCK_V"] == cfg.fwd.BLOCK_V and launches["bwd"]["chunks"] == 3
+    assert launches["fwd"]["ALIGNED"] is aligned and launches["bwd"]["ALIGNED"] is aligned
 
 
 @pytest.mark.parametrize("V,N,dtype", [(50257, 2, torch.bfloat16), (151936 + 5, 1, torch.float32)])
@@ -179,18 +181,20 @@ def test_transposed_hidden():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_entropy_false(dtype):
     hidden, weight, b, y = make(11, 40, 500, dtype, ignored=(2,))
-    check(hidden, weight, b, y, entropy=False, temperature=0.9)
-    assert K.LAST_LAUNCH["fwd"]["ENTROPY"] is False and K.LAST_LAUNCH["bwd"]["ENTROPY"] is False
+    with record_launches() as launches:
+        check(hidden, weight, b, y, entropy=False, temperature=0.9)
+    assert launches["fwd"]["ENTROPY"] is False and launches["bwd"]["ENTROPY"] is False
 
 
 def test_unused_outputs():
     hidden, weight, b, y = make(11, 24, 300, torch.float32)
-    # Only the log-probs reach the loss: the backward runs the variant without the entropy term.
-    check(hidden, weight, b, y, use=("lp",))
-    assert K.LAST_LAUNCH["fwd"]["ENTROPY"] is True and K.LAST_LAUNCH["bwd"]["ENTROPY"] is False
-    # Only the entropy: g_lp is None inside the backward.
-    check(hidden, weight, b, y, use=("ent",))
-    assert K.LAST_LAUNCH["bwd"]["ENTROPY"] is True
+    with record_launches() as launches:
+        # Only the log-probs reach the loss: the backward runs the variant without the entropy term.
+        check(hidden, weight, b, y, use=("lp",))
+        assert launches["fwd"]["ENTROPY"] is True and launches["bwd"]["ENTROPY"] is False
+        # Only the entropy: g_lp is None inside the backward.
+        check(hidden, weight, b, y, use=("ent",))
+        assert launches["bwd"]["ENTROPY"] is True
 
 
 def test_frozen_weight_and_bias():
@@ -254,13 +258,29 @@ def test_through_public_function():
     # the same kernels, so the same bits as the direct call.
     hidden, weight, b, y = (t.to(DEV) for t in make(12, 24, 300, torch.bfloat16, ignored=(5,)))
     h = hidden.view(3, 4, 24).clone().requires_grad_()
-    K.LAST_LAUNCH.clear()
-    with fastppo.use_backend("triton"):
+    with record_launches() as launches, fastppo.use_backend("triton"):
         lp, ent = fastppo.linear_logprobs_and_entropy(h, weight, y.view(3, 4), bias=b, temperature=0.8)
-    assert "fwd" in K.LAST_LAUNCH and lp.shape == ent.shape == (3, 4)
+    assert "fwd" in launches and lp.shape == ent.shape == (3, 4)
     (lp.sum() + ent.sum()).backward()
     h2 = hidden.clone().requires_grad_()
     lp2, ent2 = K.linear_logprobs_and_entropy_triton(h2, weight, y, b, temperature=0.8)
     (lp2.sum() + ent2.sum()).backward()
     assert torch.equal(lp.reshape(-1), lp2) and torch.equal(ent.reshape(-1), ent2)
     assert torch.equal(h.grad.reshape(12, 24), h2.grad)
+
+
+def test_launch_hooks_are_scoped():
+    # Overrides nest (None keeps the outer value) and end with their block; so does the recording.
+    from fastppo.kernels._testing import NO_HOOKS, current_hooks
+
+    with launch_overrides(splits=2):
+        with launch_overrides(vocab_chunk=64), record_launches() as launches:
+            hooks = current_hooks()
+            assert (hooks.splits, hooks.vocab_chunk, hooks.record) == (2, 64, launches)
+        assert current_hooks().vocab_chunk is None and current_hooks().record is None
+        assert current_hooks().splits == 2
+    assert current_hooks() == NO_HOOKS
+    with pytest.raises(ValueError, match="splits"):
+        launch_overrides(splits=0)
+    with pytest.raises(TypeError, match="vocab_chunk"):
+        launch_overrides(vocab_chunk=1.5)

@@ -158,22 +158,22 @@ def test_entropy_false(backend, V):
 
 
 def test_entropy_flag_selects_kernel_variant():
-    from fastppo.kernels import logprobs as K
+    from fastppo.kernels._testing import record_launches
 
     x = kernel_leaf(torch.randn(4, 70))
     y = to_kernel_device(torch.randint(0, 70, (4,)))
-    with fastppo.use_backend("triton"):
+    with record_launches() as launches, fastppo.use_backend("triton"):
         for flag in (False, True):
             lp, ent = fastppo.logprobs_and_entropy(x, y, entropy=flag)
-            assert K.LAST_LAUNCH["fwd"]["COMPUTE_ENTROPY"] is flag
+            assert launches["fwd"]["COMPUTE_ENTROPY"] is flag
             (lp.sum() + (ent.sum() if flag else 0)).backward()
-            assert K.LAST_LAUNCH["bwd"]["COMPUTE_ENTROPY"] is flag
-    assert K.LAST_LAUNCH["fwd"]["BLOCK_V"] == 128 and K.LAST_LAUNCH["fwd"]["ROWS"] == 8
+            assert launches["bwd"]["COMPUTE_ENTROPY"] is flag
+    assert launches["fwd"]["BLOCK_V"] == 128 and launches["fwd"]["ROWS"] == 8
     # entropy computed but left out of the loss: the backward needs no entropy term
-    with fastppo.use_backend("triton"):
+    with record_launches() as launches, fastppo.use_backend("triton"):
         lp, ent = fastppo.logprobs_and_entropy(x, y)
         lp.sum().backward()
-    assert K.LAST_LAUNCH["fwd"]["COMPUTE_ENTROPY"] is True and K.LAST_LAUNCH["bwd"]["COMPUTE_ENTROPY"] is False
+    assert launches["fwd"]["COMPUTE_ENTROPY"] is True and launches["bwd"]["COMPUTE_ENTROPY"] is False
 
 
 def test_launch_config_depends_only_on_vocab():
@@ -271,25 +271,26 @@ def test_inplace_backward(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_writes_into_logits(backend):
+    from fastppo.kernels._testing import record_launches
+
     logits = kernel_leaf(torch.randn(5, 33) * 2, backend)
     y = to_kernel_device(torch.randint(0, 33, (5,)), backend)
     x = logits * 1.0  # a non-leaf whose buffer the backward may take over
     ref = logits.detach().clone().requires_grad_()
-    with fastppo.use_backend(backend):
+    # A backward records its launch where its forward was recorded, wherever autograd runs it.
+    with record_launches() as launches, fastppo.use_backend(backend):
         lp, ent = fastppo.logprobs_and_entropy(x, y, inplace_backward=True)
         lp_r, ent_r = fastppo.logprobs_and_entropy(ref, y)
     seen = {}
     x.register_hook(lambda g: seen.setdefault("g", g))
     (lp.sum() - ent.sum()).backward()
     if backend == "triton":
-        from fastppo.kernels import logprobs as K
-
-        assert K.LAST_LAUNCH["bwd"]["inplace"] is True
+        assert launches["bwd"]["inplace"] is True
     (lp_r.sum() - ent_r.sum()).backward()
     assert seen["g"].data_ptr() == x.data_ptr()
     torch.testing.assert_close(logits.grad, ref.grad, rtol=0, atol=0)
     if backend == "triton":
-        assert K.LAST_LAUNCH["bwd"]["inplace"] is False
+        assert launches["bwd"]["inplace"] is False
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
