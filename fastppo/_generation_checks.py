@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-from fastppo._checks import check_int, check_mask
+from fastppo._checks import check_bool, check_int, check_mask, check_number
 
 MAX_EOS = 8  # EOS ids live in a fixed-size device buffer (padded with -1) so that a graph serves any set
 
@@ -72,45 +72,52 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def check_count(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_token(name, value, vocab: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= value < vocab:
-        raise ValueError(f"{name} must lie in [0, {vocab}), got {value}")
-    return value
+def check_token(name: str, value, vocab: int) -> int:
+    """A token id: an integer in ``[0, vocab)``."""
+    return check_number(name, value, integer=True, ge=0, lt=vocab)
 
 
 def check_eos(eos_token_id, vocab: int) -> list[int]:
+    """``None`` (no stop token), one id or a list/tuple of at most :data:`MAX_EOS` ids; returns the list."""
     if eos_token_id is None:
         return []
-    single = isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
-    if not single and not isinstance(eos_token_id, (list, tuple)):
+    if isinstance(eos_token_id, (list, tuple)):
+        eos = list(eos_token_id)
+    elif isinstance(eos_token_id, numbers.Integral):  # a bool is Integral too: check_token refuses it
+        eos = [eos_token_id]
+    else:
         raise TypeError(f"eos_token_id must be an int, a list/tuple of ints or None, got {type(eos_token_id).__name__}")
-    eos = [eos_token_id] if single else list(eos_token_id)
     if len(eos) > MAX_EOS:
         raise ValueError(f"eos_token_id: at most {MAX_EOS} ids are supported, got {len(eos)}")
     return [check_token("eos_token_id", e, vocab) for e in eos]
 
 
-def check_sampling(do_sample, temperature, top_k, top_p, generator) -> None:
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    if not number(temperature) or not temperature > 0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    check_count("top_k", top_k, 0)
-    if not number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+@dataclass(frozen=True)
+class Sampling:
+    """Validated sampling settings as Python scalars (``top_k`` ``0``: off, ``top_p`` ``1.0``: off)."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+
+    @property
+    def mode(self) -> str:
+        """The :func:`fastppo.sampling.sample_tokens` mode."""
+        if not self.do_sample:
+            return "greedy"
+        return "filter" if self.top_k > 0 or self.top_p < 1 else "sample"
+
+
+def check_sampling(do_sample, temperature, top_k, top_p, generator) -> Sampling:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return Sampling(
+        do_sample=check_bool("do_sample", do_sample),
+        temperature=check_number("temperature", temperature, gt=0),
+        top_k=check_number("top_k", top_k, integer=True, ge=0),
+        top_p=check_number("top_p", top_p, gt=0, le=1),
+    )
 
 
 def check_prompts(input_ids, attention_mask, vocab: int, device):

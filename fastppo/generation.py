@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fastppo._checks import check_bool, check_choice, check_number
 from fastppo._generation_checks import (
     MAX_EOS,
-    check_count,
     check_eos,
     check_prompts,
     check_sampling,
@@ -160,31 +160,31 @@ class Generator:
         compile: bool = False,
     ):
         info = inspect_model(model)
-        check_count("max_batch_size", max_batch_size, 1)
-        check_count("max_length", max_length, 2)
-        check_count("check_every", check_every, 1)
+        max_batch_size = check_number("max_batch_size", max_batch_size, integer=True, ge=1)
+        max_length = check_number("max_length", max_length, integer=True, ge=2)
+        check_every = check_number("check_every", check_every, integer=True, ge=1)
+        kv_block = check_number("kv_block", kv_block, integer=True, ge=1, allow_none=True)
+        compile = check_bool("compile", compile)
         on_cuda = info.device.type == "cuda"
-        if cuda_graphs not in ("auto", True, False):
-            raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
-        if cuda_graphs is True and not on_cuda:
+        cuda_graphs = check_choice("cuda_graphs", cuda_graphs, ("auto", True, False))
+        cuda_graphs = on_cuda if cuda_graphs == "auto" else bool(cuda_graphs)
+        if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, the model is on {info.device}")
         flash_ok = on_cuda and flash_attn_available() and info.dtype in (torch.float16, torch.bfloat16)
-        if attention not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"attention must be 'auto', 'flash' or 'sdpa', got {attention!r}")
+        check_choice("attention", attention, ("auto", "flash", "sdpa"))
         if attention == "flash" and not flash_ok:
             raise ValueError("attention='flash' needs the flash-attn package, a CUDA model and fp16/bf16 weights")
-        if prefill not in ("auto", "packed", "padded"):
-            raise ValueError(f"prefill must be 'auto', 'packed' or 'padded', got {prefill!r}")
+        check_choice("prefill", prefill, ("auto", "packed", "padded"))
         self.model = model
         self.info = info
         self.max_batch_size = max_batch_size
         self.max_length = max_length
-        self.cuda_graphs = on_cuda if cuda_graphs == "auto" else cuda_graphs
+        self.cuda_graphs = cuda_graphs
         self.attention = ("flash" if flash_ok else "sdpa") if attention == "auto" else attention
         self.prefill = ("packed" if self.attention == "flash" else "padded") if prefill == "auto" else prefill
         self.check_every = check_every
         # why 256: a step reads at most 255 dead cache slots per row, and a few key lengths -> few graphs
-        self.kv_block = check_count("kv_block", kv_block, 1) if kv_block is not None else (256 if on_cuda else 32)
+        self.kv_block = kv_block if kv_block is not None else (256 if on_cuda else 32)
         self.buckets = _buckets(max_batch_size)
         self.cache = KVCache.allocate(
             info.layers, max_batch_size, max_length, info.kv_heads, info.head_dim, info.dtype, info.device
@@ -278,26 +278,26 @@ class Generator:
         Batches larger than ``max_batch_size`` are generated in consecutive chunks.
         """
         ids, mask, lengths = check_prompts(input_ids, attention_mask, self.info.vocab, self.info.device)
-        check_count("max_new_tokens", max_new_tokens, 1)
+        max_new_tokens = check_number("max_new_tokens", max_new_tokens, integer=True, ge=1)
         if ids.shape[1] + max_new_tokens > self.max_length:
             raise ValueError(
                 f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {ids.shape[1] + max_new_tokens} "
                 f"exceeds max_length={self.max_length} of this Generator"
             )
-        check_sampling(do_sample, temperature, top_k, top_p, generator)
+        sampling = check_sampling(do_sample, temperature, top_k, top_p, generator)
         eos = check_eos(eos_token_id, self.info.vocab)
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
-        check_token("pad_token_id", pad_token_id, self.info.vocab)
+        pad_token_id = check_token("pad_token_id", pad_token_id, self.info.vocab)
 
-        mode = "greedy" if not do_sample else ("filter" if top_k > 0 or top_p < 1 else "sample")
+        mode = sampling.mode
         seed = 0
-        if do_sample:  # one draw from the caller's generator seeds the whole call
+        if sampling.do_sample:  # one draw from the caller's generator seeds the whole call
             gen_device = generator.device if generator is not None else "cpu"
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
-        self.temperature.fill_(float(temperature))
-        self.top_k.fill_(top_k)
-        self.top_p.fill_(float(top_p))
+        self.temperature.fill_(sampling.temperature)
+        self.top_k.fill_(sampling.top_k)
+        self.top_p.fill_(sampling.top_p)
         self.pad_id.fill_(pad_token_id)
         self.eos.fill_(-1)
         if eos:

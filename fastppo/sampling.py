@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from fastppo._checks import check_choice
+
 MODES = ("greedy", "sample", "filter")
 
 
@@ -54,8 +56,7 @@ def sample_tokens(
     ``log_softmax(logits / T)[token]``: the temperature-scaled distribution *before* top-k/top-p, which
     is what a training forward recomputes.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     scaled = logits.float() / temperature
     if mode == "greedy":
         tokens = logits.argmax(dim=-1)

@@ -205,15 +205,20 @@ def test_errors(models):
         gen.generate(ids.float(), mask, max_new_tokens=2)
     for kwargs, match in [
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-        (dict(max_new_tokens=2, temperature=0.0), "temperature must be a finite number > 0"),
-        (dict(max_new_tokens=2, top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+        (dict(max_new_tokens=2, temperature=0.0), "temperature must be > 0, got 0.0"),
+        (dict(max_new_tokens=2, top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
         (dict(max_new_tokens=2, top_k=-1), "top_k must be >= 0"),
         (dict(max_new_tokens=2, eos_token_id=list(range(9))), "at most 8"),
-        (dict(max_new_tokens=2, eos_token_id=500), r"eos_token_id must lie in \[0, 128\)"),
+        (dict(max_new_tokens=2, eos_token_id=500), r"eos_token_id must be in \[0, 128\), got 500"),
         (dict(max_new_tokens=2, eos_token_id=1.0), "eos_token_id must be an int, a list"),
         (dict(max_new_tokens=2, eos_token_id=torch.tensor(1)), "eos_token_id must be an int, a list"),
-        (dict(max_new_tokens=2, pad_token_id=-1), "pad_token_id must lie in"),
+        (dict(max_new_tokens=2, pad_token_id=-1), r"pad_token_id must be in \[0, 128\), got -1"),
         (dict(max_new_tokens=2, generator=0), "generator must be a torch.Generator"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an integer, got bool"),
+        (dict(max_new_tokens=2, top_k=2.5), "top_k must be an integer, got float"),
+        (dict(max_new_tokens=2, temperature=float("nan")), "temperature must be > 0, got nan"),
+        (dict(max_new_tokens=2, do_sample="yes"), "do_sample must be a bool, got str"),
+        (dict(max_new_tokens=2, eos_token_id=True), "eos_token_id must be an integer, got bool"),
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             gen.generate(ids, mask, **kwargs)
@@ -224,15 +229,43 @@ def test_errors(models):
         (dict(attention="xformers"), "attention must be"),
         (dict(prefill="chunked"), "prefill must be"),
         (dict(kv_block=0), "kv_block must be >= 1"),
+        (dict(compile="yes"), "compile must be a bool"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((ValueError, TypeError), match=match):
             fastppo.Generator(model, max_batch_size=1, max_length=8, **kwargs)
-    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
-        fastppo.Generator(model, max_batch_size=0, max_length=8)
+    for kwargs, match in [
+        (dict(max_batch_size=0), "max_batch_size must be >= 1"),
+        (dict(max_batch_size=1.0), "max_batch_size must be an integer, got float"),
+        (dict(max_length=1), "max_length must be >= 2"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            fastppo.Generator(model, **{"max_batch_size": 1, "max_length": 8, **kwargs})
     with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
         fastppo.Generator(model, max_batch_size=1, max_length=8, cuda_graphs=True)
     with pytest.raises(ValueError, match="attention='flash' needs"):
         fastppo.Generator(model, max_batch_size=1, max_length=8, attention="flash")
+
+
+def test_numpy_and_tensor_scalars_are_accepted(models):
+    # every number and flag goes through one validator: numpy scalars and 0-dim tensors are numbers too
+    import numpy as np
+
+    model = models["qwen2"]
+    ids, mask = ragged_prompts(3, max_len=P, seed=5)
+    plain = dict(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, eos_token_id=EOS_ID)
+    scalars = dict(
+        max_new_tokens=torch.tensor(4),
+        temperature=np.float32(0.7),
+        top_k=np.int64(5),
+        top_p=torch.tensor(0.9),
+        eos_token_id=[np.int64(EOS_ID)],
+        pad_token_id=np.int32(PAD_ID),
+    )
+    gen = fastppo.Generator(model, max_batch_size=np.int64(4), max_length=torch.tensor(16), check_every=np.int8(2))
+    ref = gen.generate(ids, mask, generator=torch.Generator().manual_seed(0), **plain)
+    out = gen.generate(ids, mask, generator=torch.Generator().manual_seed(0), **scalars)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.logprobs, ref.logprobs)
+    assert gen.max_batch_size == 4 and type(gen.max_length) is int
 
 
 def test_unsupported_models():
