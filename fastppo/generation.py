@@ -274,7 +274,8 @@ class Generator:
         top-k (``0``: off) and top-p (``1.0``: off) filtering. ``eos_token_id``: an int or a list of ints
         (at most 8); ``None`` means no stop token (always ``max_new_tokens``). ``pad_token_id`` fills a row
         after its EOS (default: the first EOS id, else 0). ``generator``: seeds the sampling (the same seed
-        gives the same tokens on a given device); without it the global RNG (``torch.manual_seed``) does.
+        gives the same tokens on a given device); without it the global RNG (``torch.manual_seed``) does. It
+        may live on any device, not only the model's: one draw from it seeds this Generator's own RNG.
         Batches larger than ``max_batch_size`` are generated in consecutive chunks.
         """
         ids, mask, lengths = check_prompts(input_ids, attention_mask, self.info.vocab, self.info.device)

@@ -54,9 +54,15 @@ def sample_tokens(
     logits, like ``generate(do_sample=False)``), ``"sample"`` (from ``softmax(logits / T)``) or ``"filter"``
     (sample after :func:`filter_top_k_top_p`). The log-prob is always
     ``log_softmax(logits / T)[token]``: the temperature-scaled distribution *before* top-k/top-p, which
-    is what a training forward recomputes.
+    is what a training forward recomputes. ``generator`` (for the two sampling modes) must be on the device
+    type of ``logits``: the draws are made there.
     """
     check_choice("mode", mode, MODES)
+    if mode != "greedy" and generator is not None and generator.device.type != logits.device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but logits are on {logits.device}: "
+            f"sample with a torch.Generator(device={logits.device.type!r})"
+        )
     scaled = logits.float() / temperature
     if mode == "greedy":
         tokens = logits.argmax(dim=-1)

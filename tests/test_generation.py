@@ -368,6 +368,20 @@ def test_cuda_graphs(dtype):
 
 
 @requires_cuda
+def test_generator_on_another_device_than_the_model():
+    # one draw from the caller's generator seeds the call, on the generator's own device
+    for model_device, gen_device in (("cpu", "cuda"), ("cuda", "cpu")):
+        model = tiny_llama(seed=4).to(model_device)
+        ids, mask = (t.to(model_device) for t in ragged_prompts(3, max_len=P, seed=12))
+        gen = fastppo.Generator(model, max_batch_size=4, max_length=16)
+        runs = [
+            gen.generate(ids, mask, max_new_tokens=6, generator=torch.Generator(gen_device).manual_seed(s)).sequences
+            for s in (0, 0, 1)
+        ]
+        assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@requires_cuda
 def test_cuda_graph_sampling_reproducible():
     model = tiny_llama(seed=3, dtype=torch.bfloat16).cuda()
     ids, mask = (t.cuda() for t in ragged_prompts(4, max_len=P, seed=10))

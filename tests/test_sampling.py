@@ -124,6 +124,30 @@ def test_unknown_mode():
         sample_tokens(torch.zeros(1, 3), mode="beam", temperature=t(1.0))
 
 
+def test_generator_on_another_device_is_a_clear_error():
+    # the draws are made on the logits' device: torch's own error for a mismatch names neither argument
+    for mode in ("sample", "filter"):
+        with pytest.raises(ValueError, match=r"generator is on cpu but logits are on meta"):
+            sample_tokens(
+                torch.zeros(2, 3, device="meta"),
+                mode=mode,
+                temperature=t(1.0),
+                top_k=t(0, torch.int64),
+                top_p=t(1.0),
+                generator=torch.Generator(),
+            )
+    # greedy draws nothing: any generator is fine
+    tokens, _ = sample_tokens(t([[0.0, 1.0]]), mode="greedy", temperature=t(1.0), generator=torch.Generator())
+    assert tokens.tolist() == [1]
+
+
+@requires_cuda
+def test_cpu_generator_with_cuda_logits_is_a_clear_error():
+    logits = torch.randn(2, 5, device="cuda")
+    with pytest.raises(ValueError, match=r"generator is on cpu but logits are on cuda:0"):
+        sample_tokens(logits, mode="sample", temperature=t(1.0).cuda(), generator=torch.Generator())
+
+
 @requires_cuda
 def test_sampling_captures_in_a_cuda_graph_without_sync():
     dev = "cuda"
