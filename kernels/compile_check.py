@@ -3,7 +3,9 @@
     python -m fastppo.kernels.compile_check [--arch 80 90] [--only NAME]
 
 Each kernel module lists, in ``COMPILE_SPECS``, the argument signatures and block sizes its launcher
-can pick (every autotune config included). This compiles each one with
+can pick (every autotune config included); every module of the package that defines it is compiled,
+and a jitted function that no spec reaches (a kernel left out of ``COMPILE_SPECS``) is a failure.
+This compiles each spec with
 ``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, reads the cubin's resource usage with the
 ``cuobjdump`` that ships inside Triton, prints a table (kernel, arch, registers, shared memory,
 local memory, widest global load, matrix instruction) and exits non-zero on a compile failure,
@@ -21,24 +23,71 @@ one without compiles with nothing known (odd sizes). Both show in the table (``s
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import importlib
+import inspect
 import multiprocessing
 import os
+import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
+import time
+import types
 
-# Modules holding kernels. Each exposes COMPILE_SPECS: list[fastppo.kernels._jit.CompileSpec].
-KERNEL_MODULES = (
-    "fastppo.kernels.policy_loss",
-    "fastppo.kernels.value_loss",
-    "fastppo.kernels.kl",
-    "fastppo.kernels.gae",
-    "fastppo.kernels.logprobs",
-    "fastppo.kernels.linear_logprobs",
-)
+PACKAGE = "fastppo.kernels"
+
+
+def package_modules() -> list[types.ModuleType]:
+    """Every module of the kernels package but this one, imported, sorted by name."""
+    pkg = importlib.import_module(PACKAGE)
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "compile_check")
+    return [importlib.import_module(f"{PACKAGE}.{n}") for n in names]
+
+
+def kernel_modules() -> list[str]:
+    """Names of the modules that define ``COMPILE_SPECS`` (a list of ``fastppo.kernels._jit.CompileSpec``)."""
+    return [m.__name__ for m in package_modules() if hasattr(m, "COMPILE_SPECS")]
+
+
+def _ours(f, module: str = PACKAGE) -> bool:
+    """Whether ``f`` is a jitted function (compiled or interpreted) defined in ``module`` or below it."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(f, (JITFunction, InterpretedFunction)) and f.fn.__module__.startswith(module)
+
+
+def _jitted(mod: types.ModuleType) -> dict:
+    """The jitted functions (kernels and device functions) ``mod`` defines, by name."""
+    return {name: f for name, f in vars(mod).items() if _ours(f, mod.__name__)}
+
+
+def _callees(f) -> list:
+    """Our jitted functions that jitted ``f``'s source names (``g(...)`` or ``module.g(...)``)."""
+    scope = f.fn.__globals__
+    found = []
+    for node in ast.walk(ast.parse(inspect.getsource(f.fn).lstrip())):
+        if isinstance(node, ast.Name):
+            found.append(scope.get(node.id))
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            found.append(getattr(scope.get(node.value.id), node.attr, None))
+    return [g for g in found if g is not f and _ours(g)]
+
+
+def uncompiled(modules: list[types.ModuleType]) -> list[str]:
+    """Jitted functions defined in ``modules`` that no ``COMPILE_SPECS`` entry compiles, as a kernel or
+    as a device function a compiled kernel calls: a kernel its module forgot to list (or dead code)."""
+    todo = [s.kernel for m in modules for s in getattr(m, "COMPILE_SPECS", ())]
+    reached = set()
+    while todo:
+        f = todo.pop()
+        if id(f) not in reached:
+            reached.add(id(f))
+            todo += _callees(f)
+    return [f"{m.__name__}.{n}" for m in modules for n, f in _jitted(m).items() if id(f) not in reached]
 
 
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -159,6 +208,36 @@ def _job(modname: str, idx: int, cc: int) -> tuple:
     )
 
 
+def _run(jobs: list, workers: int) -> list:
+    """Table rows of ``jobs`` in their order; one progress line on stderr as each compile finishes."""
+    start = time.monotonic()
+    rows: list = [None] * len(jobs)
+    failed = 0
+
+    def done(i: int, row: tuple) -> None:
+        nonlocal failed
+        rows[i] = row
+        failed += row[-1] != "ok"
+        n = sum(r is not None for r in rows)
+        print(
+            f"compile_check: {n}/{len(jobs)} done, {failed} failed, {time.monotonic() - start:.0f} s "
+            f"({row[0]} {row[3]} {row[1]}: {row[-1]})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_job, *j): i for i, j in enumerate(jobs)}
+            for fut in concurrent.futures.as_completed(futures):
+                done(futures[fut], fut.result())
+    else:
+        for i, j in enumerate(jobs):
+            done(i, _job(*j))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default: 80 90)")
@@ -177,27 +256,32 @@ def main(argv=None) -> int:
             "run `python -m fastppo.kernels.compile_check` in a fresh process"
         )
 
-    jobs = []
-    for modname in KERNEL_MODULES:
-        for idx, spec in enumerate(importlib.import_module(modname).COMPILE_SPECS):
+    modules = package_modules()
+    missing = uncompiled(modules)
+    jobs, names = [], set()
+    for mod in modules:
+        for idx, spec in enumerate(getattr(mod, "COMPILE_SPECS", ())):
+            names.add(spec.kernel.__name__)
             if args.only and args.only not in spec.kernel.__name__:
                 continue
-            jobs += [(modname, idx, cc) for cc in args.arch]
+            jobs += [(mod.__name__, idx, cc) for cc in args.arch]
+    if not jobs:
+        what = f"--only {args.only!r} matches no kernel name" if args.only else "no COMPILE_SPECS found"
+        print(f"compile_check: {what}; the kernels are: {', '.join(sorted(names)) or 'none'}", file=sys.stderr)
+        return 1
     # Compiles are independent and CPU-bound (ptxas): spread them over the cores.
     workers = max(1, min(args.jobs or os.cpu_count() or 1, len(jobs)))
-    if workers > 1:
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            rows = list(pool.map(_job, *zip(*jobs))) if jobs else []
-    else:
-        rows = [_job(*j) for j in jobs]
+    print(f"compile_check: {len(jobs)} compiles on {workers} process(es)", file=sys.stderr, flush=True)
+    rows = _run(jobs, workers)
     failures = sum(row[-1] != "ok" for row in rows)
     header = ("kernel", "config", "spec", "arch", "regs", "shared", "local", "stack", "ld_bits", "mma", "status")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
     print(f"{len(rows)} compiled, {failures} failed, spilled or lost vector loads / tensor cores")
-    return 1 if failures or not rows else 0
+    for name in missing:
+        print(f"NOT COMPILED: {name} is reached by no COMPILE_SPECS entry")
+    return 1 if failures or missing else 0
 
 
 if __name__ == "__main__":
