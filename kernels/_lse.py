@@ -47,7 +47,7 @@ def online_lse_finish(m, s, t):
     The two parts are kept apart rather than summed into ``lse``: ``log p = (z - m) - log s`` is then
     exact to a few ulp of ``log p`` itself, whereas ``z - lse`` carries the rounding of ``lse``, one ulp
     of ``|lse|``; at a low temperature ``|lse|`` is in the hundreds, and that error, not cancelled by the
-    exactly computed entropy, dominated the entropy gradient. Rows with s == 0 (no finite column)
+    exactly computed entropy, would dominate the entropy gradient. Rows with s == 0 (no finite column)
     give (0, 0, 0): log p = z there (-inf for the -inf columns), never NaN.
     """
     s_safe = tl.where(s > 0.0, s, 1.0)

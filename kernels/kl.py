@@ -38,7 +38,7 @@ NUM_WARPS = 4
 def _exp_tail(x):
     """``exp(x) - 1 - x`` accurately: for |x| <= 0.5 its Taylor series (terms to x^10, truncation below
     1e-9 relative), with no cancellation; beyond, the direct formula loses at most ~3 bits. The direct
-    formula at |x| ~ 1e-4 cancels every significant bit (k3 came out as 0 where it is 5e-9)."""
+    formula at |x| ~ 1e-4 cancels every significant bit (it gives k3 = 0 where k3 is 5e-9)."""
     ax = tl.abs(x)
     series = (
         x

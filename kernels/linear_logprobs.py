@@ -102,7 +102,7 @@ def _linear_lse_fwd_kernel(
                 BLOCK_H,
             )
             # The label's logit, if in this tile. int32 tile-local indices: an int64 [BLOCK_N, BLOCK_V]
-            # comparison costs registers the epilogue needs (it spilled at 128 x 128).
+            # comparison takes registers the epilogue needs (at 128 x 128 the kernel spills).
             hit = cv[None, :] == (label - v0).to(tl.int32)[:, None]
             target += tl.sum(tl.where(hit, z, 0.0), axis=1)
             if ENTROPY:
@@ -196,27 +196,26 @@ class LinearConfig:
     dx: Tiles
 
 
-# GPU configurations, by (16-bit or float32, ALIGNED). Chosen by compile_check's register counts
-# (no spill on sm_80 and sm_90), not by timing: no GPU was at hand when they were written.
+# GPU configurations, by (16-bit or float32, ALIGNED). Each must compile without spills on sm_80 and
+# sm_90 with every supported Triton (compile_check holds them to it); they are chosen by register
+# counts, not timed (``bench/bench_linear_logprobs.py --sweep`` times alternatives on a GPU).
 GPU_CONFIGS = {
     # 16-bit, aligned: the performance path (every real model: H and strides multiples of 16).
-    # 128 x 128 float32 tiles at 8 warps (64 registers/thread) plus the softmax epilogue. Checked in
-    # the specialization the launcher really compiles (aligned pointers, sizes multiples of 16): the
-    # forward at 3-4 stages spills 8 bytes on sm_90 with Triton 3.9; 2 stages of BLOCK_H = 64 keep
-    # as many bytes in flight as 4 of 32 and are clean on 3.9 and 3.6 (255 registers: 1 CTA per SM).
+    # 128 x 128 float32 tiles at 8 warps (64 registers/thread) plus the softmax epilogue, in the
+    # specialization the launcher compiles (aligned pointers, sizes multiples of 16). The forward
+    # spills on sm_90 at 3-4 stages; 2 stages of BLOCK_H = 64 keep as many bytes in flight as 4 of 32
+    # (255 registers: 1 CTA per SM).
     ("16", True): LinearConfig(
         fwd=Tiles(128, 128, 64, 8, 2), dz=Tiles(128, 128, 64, 8, 3), dx=Tiles(128, 64, 128, 8, 3)
     ),
     # Unaligned (odd H or strides): scalar loads keep a pointer per element, so smaller tiles.
     ("16", False): LinearConfig(fwd=Tiles(64, 64, 32, 4, 2), dz=Tiles(64, 64, 32, 4, 2), dx=Tiles(64, 64, 32, 4, 2)),
     # float32 ("ieee" dot on CUDA cores, not the performance path): smaller tiles, 4-byte operands;
-    # the FMA dot keeps both operand fragments in registers, hence 8 warps for the forward.
-    # (The forward at 3 stages puts 8 bytes on the stack on sm_80 with Triton 3.9; 2 are clean. The
-    # d logits tile at 4 warps sits at 255 registers and spilled once the backward read the row max and
-    # log-sum apart; 8 warps halve the tile per thread: 152 registers on 3.9, 128 on 3.6.)
+    # the FMA dot keeps both operand fragments in registers, hence 8 warps and 2 stages for the
+    # forward (3 spill on sm_80). The d logits tile, with the row max and log-sum loaded apart, needs
+    # more than 255 registers per thread at 4 warps; 8 warps halve the tile per thread.
     ("32", True): LinearConfig(fwd=Tiles(32, 64, 32, 8, 2), dz=Tiles(64, 64, 32, 8, 3), dx=Tiles(64, 32, 64, 4, 3)),
-    # Unaligned forward at 4 warps, 1 stage: (8, 2) spills 16 bytes on Triton 3.6 (the GPU machines'),
-    # (8, 1) spills 8 on Triton 3.9; (4, 1) is clean on both (168 registers).
+    # Unaligned forward at 4 warps, 1 stage: at 8 warps it spills (at 1 or 2 stages, by Triton version).
     ("32", False): LinearConfig(fwd=Tiles(32, 64, 32, 4, 1), dz=Tiles(32, 64, 32, 8, 2), dx=Tiles(32, 64, 32, 4, 2)),
 }
 # Interpreter: tl.dot's minimum of 16 on the token and H sides, so tests exercise those tails with

@@ -25,7 +25,7 @@ the loads per row would shift the block boundaries by each row's address, and wi
 the reduction, which would break the batch invariance above. Pad the vocabulary to a multiple of 16
 (as most checkpoints already do) for full bandwidth.
 
-Rows are addressed through a ``[O, T, V]`` view (:func:`fastppo.reference.logprobs.rows3d`): row ``r``
+Rows are addressed through a ``[O, T, V]`` view (:func:`fastppo._layout.rows3d`): row ``r``
 starts at ``(r // T) * stride_o + (r % T) * stride_i``, which covers ``logits[:, :-1]`` without a copy.
 Offsets are int64 because ``N * V`` exceeds 2^31 at real sizes (8192 x 151936 = 1.2e9, and more).
 """
@@ -164,8 +164,8 @@ def launch_config(V: int) -> dict:
     """``BLOCK_V``, ``ROWS`` and ``num_warps`` for vocabulary size ``V`` (independent of N and of the dtype)."""
     block = min(max(triton.next_power_of_2(V), MIN_BLOCK_V), MAX_BLOCK_V)
     rows = max(1, BLOCK_ELEMS // block)
-    # 8 warps everywhere: with 4, Triton 3.6's sm_90 build of the 8-row x 128-column forward spills
-    # 4 bytes (ptxas quirk at 40 registers); 8 warps spills nowhere on triton 3.6 or 3.9.
+    # 8 warps everywhere: at 4, the sm_90 build of the 8-row x 128-column forward spills with one of
+    # the supported Tritons (a ptxas quirk at 40 registers); at 8 no configuration spills.
     return {"BLOCK_V": block, "ROWS": rows, "num_warps": 8}
 
 
