@@ -7,11 +7,10 @@ tests. Pick the backend with ``FASTPPO_BACKEND=auto|torch|triton`` or :func:`use
 
 from fastppo._backend import get_backend, use_backend
 from fastppo._version import __version__ as __version__
-from fastppo.advantages import gae, group_advantages, masked_whiten
+from fastppo.advantages import gae, group_advantages, masked_mean, masked_whiten
 from fastppo.generation import GenerationOutput, Generator
 from fastppo.logprobs import linear_logprobs_and_entropy, logprobs_and_entropy
 from fastppo.losses import kl_penalty, policy_loss, value_loss
-from fastppo.reference.common import masked_mean
 
 __all__ = [
     "GenerationOutput",

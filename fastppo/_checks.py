@@ -21,7 +21,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # --------------------------------------------------------------------------------------------------
 def _is_bool(value) -> bool:
     # numpy's bool_ is not a Python bool (nor a numbers.Integral), but it is a flag all the same
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
 
 
 def _scalar(name: str, value, *, integer: bool):
@@ -29,11 +30,11 @@ def _scalar(name: str, value, *, integer: bool):
     (``numpy.float32(0.7)``, ``torch.tensor(0.7)``); bools are flags, never numbers."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
-            what = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-            raise TypeError(f"{name} must be {kind} (a 0-dim real tensor is accepted), got {what}")
-        if integer and value.dtype.is_floating_point:
-            raise TypeError(f"{name} must be {kind}, got a {value.dtype} tensor")
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be {kind} or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex() or (integer and value.dtype.is_floating_point):
+            real = "an integer" if integer else "a real number"
+            raise TypeError(f"{name} must be {real} tensor, got {value.dtype}")
         return value.item()  # a host read: a sync for a CUDA tensor, once per call
     wanted = numbers.Integral if integer else numbers.Real
     if _is_bool(value) or not isinstance(value, wanted):
@@ -141,11 +142,23 @@ def check_shape(name: str, t: torch.Tensor, shape: Iterable[int], ref: str = "")
 
 
 def check_same_shape(pairs: dict) -> None:
-    """All tensors in ``{name: tensor}`` share the shape of the first one."""
+    """All tensors in ``{name: tensor}`` (``None`` entries skipped) share one shape.
+
+    The error blames the tensor that differs from the shape most of them share (the first one on a
+    tie): a ``[B, T, 1]`` value-head output beside ``[B, T]`` old values, returns and mask names
+    ``values``, not ``old_values``.
+    """
     items = [(k, v) for k, v in pairs.items() if v is not None]
-    ref_name, ref = items[0]
-    for name, t in items[1:]:
-        check_shape(name, t, ref.shape, ref_name)
+    shapes = [t.shape for _, t in items]
+    ref = max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
+    holders = [k for k, t in items if t.shape == ref]
+    for name, t in items:
+        if t.shape != ref:
+            hint = ""
+            if t.dim() == len(ref) + 1 and t.shape[-1] == 1 and t.shape[:-1] == ref:
+                hint = f"; squeeze its last dimension ({name}.squeeze(-1))"
+            refs = ", ".join(holders)
+            raise ValueError(f"{name} must have shape {tuple(ref)} (the shape of {refs}), got {tuple(t.shape)}{hint}")
 
 
 def check_same_device(pairs: dict) -> None:

@@ -6,21 +6,21 @@ None of them is differentiable: advantages and returns are targets, computed und
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastppo._backend import use_triton
-from fastppo._checks import check_choice, check_float, check_mask, check_same_device, check_same_shape, check_tensor
+from fastppo._checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_mask,
+    check_number,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+from fastppo._dispatch import dispatch
 from fastppo.reference import advantages as ref
-
-
-def _check_unit(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return float(value)
+from fastppo.reference import common
 
 
 @torch.no_grad()
@@ -61,15 +61,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     check_same_shape({"rewards": rewards, "values": values})
     mask = check_mask("mask", mask, rewards.shape)
     check_same_device({"rewards": rewards, "values": values, "mask": mask})
-    gamma = _check_unit("gamma", gamma)
-    lam = _check_unit("lam", lam)
-
-    fp64 = torch.float64 in (rewards.dtype, values.dtype)
-    if not fp64 and use_triton(rewards, values, mask):
-        from fastppo.kernels.gae import gae_forward
-
-        return gae_forward(rewards, values, mask, gamma, lam)
-    return ref.gae(rewards, values, mask, gamma, lam)
+    gamma = check_number("gamma", gamma, ge=0.0, le=1.0)
+    lam = check_number("lam", lam, ge=0.0, le=1.0)
+    return dispatch("gae", "gae:gae_forward", ref.gae, rewards, values, mask, gamma, lam)
 
 
 @torch.no_grad()
@@ -82,12 +76,27 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     positions give 0. ``x`` any shape, float; ``mask`` bool/int of the same shape. Returns float32
     (float64 for a float64 ``x``). Not differentiable (an advantage transform).
     """
+    mask = _check_masked(x, mask)
+    shift_mean = check_bool("shift_mean", shift_mean)
+    return dispatch("masked_whiten", None, ref.masked_whiten, x, mask, shift_mean)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of ``x`` over valid positions: ``sum(x * mask) / max(sum(mask), 1)``.
+
+    ``x`` any float tensor, ``mask`` bool/int of the same shape; ``dim=None`` (everything), an int or
+    a tuple of ints. A reduction with no valid position gives 0, not NaN (NaN/inf under the mask never
+    leak). Differentiable with respect to ``x``. Returns float32 (float64 for a float64 ``x``).
+    """
+    mask = _check_masked(x, mask)
+    return dispatch("masked_mean", None, common.masked_mean, x, mask, dim)
+
+
+def _check_masked(x, mask) -> torch.Tensor:
     check_float("x", x)
     mask = check_mask("mask", mask, x.shape)
     check_same_device({"x": x, "mask": mask})
-    if not isinstance(shift_mean, bool):
-        raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
-    return ref.masked_whiten(x, mask, shift_mean)
+    return mask
 
 
 @torch.no_grad()
@@ -118,17 +127,12 @@ def group_advantages(
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [N], got shape {tuple(scores.shape)}")
     check_choice("kind", kind, ("grpo", "rloo"))
-    if not isinstance(group_size, int) or isinstance(group_size, bool):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     min_g = 2 if kind == "rloo" else 1
-    if group_size < min_g:
-        raise ValueError(f"group_size must be >= {min_g} for kind={kind!r}, got {group_size}")
+    group_size = check_number(f"group_size (kind={kind!r})", group_size, integer=True, ge=min_g)
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} elements, not a multiple of group_size={group_size}")
+    scale = check_bool("scale", scale, allow_none=True)
     if scale is None:
         scale = kind == "grpo"
-    if not isinstance(scale, bool):
-        raise TypeError(f"scale must be a bool or None, got {type(scale).__name__}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return ref.group_advantages(scores, group_size, kind, scale, float(eps))
+    eps = check_number("eps", eps, ge=0.0)
+    return dispatch("group_advantages", None, ref.group_advantages, scores, group_size, kind, scale, eps)

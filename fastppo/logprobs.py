@@ -11,31 +11,29 @@ Both return float32 (float64 for float64 inputs) and are differentiable through 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastppo._backend import use_triton
-from fastppo._checks import check_float, check_int, check_labels, check_same_device, check_shape, check_tensor
+from fastppo._checks import (
+    check_bool,
+    check_float,
+    check_int,
+    check_labels,
+    check_number,
+    check_same_device,
+    check_shape,
+)
+from fastppo._dispatch import dispatch
 from fastppo._layout import rows3d
 from fastppo.reference.logprobs import linear_logprobs_and_entropy_torch, logprobs_and_entropy_torch
 
 
-def _check_options(temperature, ignore_index, entropy) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(entropy, bool):
-        raise TypeError(f"entropy must be a bool, got {type(entropy).__name__}")
-
-
-def _check_labels_tensor(labels: torch.Tensor, lead: torch.Size, ref: str) -> None:
-    check_tensor("labels", labels)
-    check_int("labels", labels)
-    check_shape("labels", labels, lead, ref)
+def _options(temperature, ignore_index, entropy) -> dict:
+    """The options both functions share, validated and as plain Python values."""
+    return dict(
+        temperature=check_number("temperature", temperature, gt=0),
+        ignore_index=check_number("ignore_index", ignore_index, integer=True),
+        entropy=check_bool("entropy", entropy),
+    )
 
 
 def logprobs_and_entropy(
@@ -75,29 +73,25 @@ def logprobs_and_entropy(
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    _check_labels_tensor(labels, logits.shape[:-1], "logits.shape[:-1]")
+    check_int("labels", labels)
+    check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     check_same_device({"logits": logits, "labels": labels})
-    _check_options(temperature, ignore_index, entropy)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    V = logits.shape[-1]
-    check_labels(labels, V, ignore_index)
+    opts = _options(temperature, ignore_index, entropy)
+    opts["inplace_backward"] = check_bool("inplace_backward", inplace_backward)
+    check_labels(labels, logits.shape[-1], opts["ignore_index"])
 
     lead = logits.shape[:-1]
-    if logits.numel() == 0:  # no rows: empty outputs, still attached to the graph
-        lp = logits.sum(-1).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-        return lp, (lp.clone() if entropy else None)
     if rows3d(logits) is None:  # rows not addressable by an [O, T, V] view (rare): one copy
         logits = logits.contiguous()
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()  # [N]: small, the kernels read it densely
-    opts = dict(temperature=temperature, ignore_index=ignore_index, entropy=entropy, inplace_backward=inplace_backward)
-    # float64 (gradcheck, the tests' ground truth) stays on the reference: the kernels compute in float32.
-    if logits.dtype != torch.float64 and use_triton(logits, labels):
-        from fastppo.kernels.logprobs import logprobs_and_entropy_triton
-
-        lp, ent = logprobs_and_entropy_triton(logits, labels1d, **opts)
-    else:
-        lp, ent = logprobs_and_entropy_torch(logits, labels1d, **opts)
+    lp, ent = dispatch(
+        "logprobs_and_entropy",
+        "logprobs:logprobs_and_entropy_triton",
+        logprobs_and_entropy_torch,
+        logits,
+        labels1d,
+        **opts,
+    )
     return lp.view(lead), (None if ent is None else ent.view(lead))
 
 
@@ -138,21 +132,23 @@ def linear_logprobs_and_entropy(
     if bias is not None:
         check_float("bias", bias)
         check_shape("bias", bias, (V,), "weight.shape[:1]")
-    _check_labels_tensor(labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    check_int("labels", labels)
+    check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     check_same_device({"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
-    _check_options(temperature, ignore_index, entropy)
-    check_labels(labels, V, ignore_index)
+    opts = _options(temperature, ignore_index, entropy)
+    check_labels(labels, V, opts["ignore_index"])
 
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()
-    opts = dict(temperature=temperature, ignore_index=ignore_index, entropy=entropy)
-    f64 = any(t is not None and t.dtype == torch.float64 for t in (hidden, weight, bias))
-    if not f64 and use_triton(hidden, weight):
-        # Written separately; an ImportError here (module not there yet) surfaces only on this path.
-        from fastppo.kernels.linear_logprobs import linear_logprobs_and_entropy_triton
-
-        lp, ent = linear_logprobs_and_entropy_triton(hidden2d, weight, labels1d, bias, **opts)
-    else:
-        lp, ent = linear_logprobs_and_entropy_torch(hidden2d, weight, labels1d, bias, **opts)
+    lp, ent = dispatch(
+        "linear_logprobs_and_entropy",
+        "linear_logprobs:linear_logprobs_and_entropy_triton",
+        linear_logprobs_and_entropy_torch,
+        hidden2d,
+        weight,
+        labels1d,
+        bias,
+        **opts,
+    )
     return lp.view(lead), (None if ent is None else ent.view(lead))

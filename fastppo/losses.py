@@ -20,48 +20,21 @@ graph) and a zero gradient.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastppo._backend import use_triton
-from fastppo._checks import check_choice, check_float, check_mask, check_same_device, check_same_shape
+from fastppo._checks import check_choice, check_float, check_mask, check_number, check_same_device, check_same_shape
+from fastppo._dispatch import dispatch
 from fastppo.reference import losses as _ref
 from fastppo.reference.losses import AGGS, KL_KINDS
 
 __all__ = ["AGGS", "KL_KINDS", "kl_penalty", "policy_loss", "value_loss"]
 
 
-def _check_number(name: str, value, *, gt: float, lt: float | None = None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = math.isfinite(value) and value > gt and (lt is None or value < lt)
-    if not ok:
-        where = f"in ({gt}, {lt})" if lt is not None else f"> {gt}"
-        raise ValueError(f"{name} must be {where}, got {value}")
-
-
 def _check_normalizer(normalizer) -> None:
-    """``None``, a finite number > 0, or a 0-dim real tensor > 0.
-
-    A tensor's value is checked on the host (one scalar read, a sync for a CUDA tensor), so that a
-    zero or negative count is an error instead of an inf/NaN loss.
-    """
-    if normalizer is None:
-        return
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
-        if normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
-        value = float(normalizer.detach())
-    else:
-        _check_number("normalizer", normalizer, gt=0)
-        value = float(normalizer)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"normalizer must be > 0 and finite, got {value}")
+    """``None``, or a number or 0-dim real tensor > 0 (a tensor is read on the host: one sync on
+    CUDA, paid so that a zero or negative count is an error instead of an inf/NaN loss). It is
+    passed on as given, so a tensor normalizer keeps its device."""
+    check_number("normalizer", normalizer, gt=0, allow_none=True)
 
 
 def _check_tokens(tensors: dict, mask) -> torch.Tensor:
@@ -71,16 +44,10 @@ def _check_tokens(tensors: dict, mask) -> torch.Tensor:
     name, first = next(iter(tensors.items()))
     if first.dim() == 0:
         raise ValueError(f"{name} must have shape [..., T] (at least one dimension), got a 0-dim tensor")
-    check_same_shape(tensors)
+    check_same_shape({**tensors, "mask": mask if isinstance(mask, torch.Tensor) else None})
     mask = check_mask("mask", mask, first.shape)
     check_same_device({**tensors, "mask": mask})
     return mask
-
-
-def _kernel_path(*tensors: torch.Tensor) -> bool:
-    if not use_triton(*tensors):
-        return False
-    return tensors[0].numel() > 0 and all(t.dtype != torch.float64 for t in tensors)
 
 
 def policy_loss(
@@ -123,17 +90,24 @@ def policy_loss(
     pass float32 log-probs when advantages or ratios can be that large.
     """
     mask = _check_tokens({"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages}, mask)
-    _check_number("clip_low", clip_low, gt=0.0, lt=1.0)
-    _check_number("clip_high", clip_high, gt=0.0, allow_none=True)
-    _check_number("dual_clip", dual_clip, gt=1.0, allow_none=True)
-    check_choice("agg", agg, AGGS)
+    opts = dict(
+        clip_low=check_number("clip_low", clip_low, gt=0.0, lt=1.0),
+        clip_high=check_number("clip_high", clip_high, gt=0.0, allow_none=True),
+        dual_clip=check_number("dual_clip", dual_clip, gt=1.0, allow_none=True),
+        agg=check_choice("agg", agg, AGGS),
+    )
     _check_normalizer(normalizer)
-    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer)
-    if _kernel_path(logprobs, old_logprobs, advantages):
-        from fastppo.kernels.policy_loss import policy_loss_triton
-
-        return policy_loss_triton(logprobs, old_logprobs, advantages, mask, **opts)
-    return _ref.policy_loss(logprobs, old_logprobs, advantages, mask, **opts)
+    return dispatch(
+        "policy_loss",
+        "policy_loss:policy_loss_triton",
+        _ref.policy_loss,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        normalizer=normalizer,
+        **opts,
+    )
 
 
 def value_loss(
@@ -164,15 +138,21 @@ def value_loss(
             larger), ``vpred_mean`` (mean of ``v``), ``error_mean`` (mean of ``(v - R)^2``).
     """
     mask = _check_tokens({"values": values, "old_values": old_values, "returns": returns}, mask)
-    _check_number("clip", clip, gt=0.0, allow_none=True)
-    check_choice("agg", agg, AGGS)
+    clip = check_number("clip", clip, gt=0.0, allow_none=True)
+    agg = check_choice("agg", agg, AGGS)
     _check_normalizer(normalizer)
-    opts = dict(clip=clip, agg=agg, normalizer=normalizer)
-    if _kernel_path(values, old_values, returns):
-        from fastppo.kernels.value_loss import value_loss_triton
-
-        return value_loss_triton(values, old_values, returns, mask, **opts)
-    return _ref.value_loss(values, old_values, returns, mask, **opts)
+    return dispatch(
+        "value_loss",
+        "value_loss:value_loss_triton",
+        _ref.value_loss,
+        values,
+        old_values,
+        returns,
+        mask,
+        clip=clip,
+        agg=agg,
+        normalizer=normalizer,
+    )
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str = "k1", mask=None) -> torch.Tensor:
@@ -194,8 +174,4 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str 
     if mask is not None:
         mask = check_mask("mask", mask, logprobs.shape)
     check_same_device({"logprobs": logprobs, "ref_logprobs": ref_logprobs, "mask": mask})
-    if _kernel_path(logprobs, ref_logprobs):
-        from fastppo.kernels.kl import kl_penalty_triton
-
-        return kl_penalty_triton(logprobs, ref_logprobs, kind=kind, mask=mask)
-    return _ref.kl_penalty(logprobs, ref_logprobs, kind=kind, mask=mask)
+    return dispatch("kl_penalty", "kl:kl_penalty_triton", _ref.kl_penalty, logprobs, ref_logprobs, kind=kind, mask=mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -323,8 +324,15 @@ def test_bad_inputs():
             fastppo.gae(r, v, m, gamma=bad)
         with pytest.raises(ValueError, match="lam"):
             fastppo.gae(r, v, m, lam=bad)
+    # real-valued scalars of any kind are numbers (issue 11); a bool is not
+    want = fastppo.gae(r, v, m, gamma=0.5)
+    for scalar in (torch.tensor(0.5), np.float32(0.5), np.float64(0.5)):
+        got = fastppo.gae(r, v, m, gamma=scalar)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     with pytest.raises(TypeError, match="gamma"):
-        fastppo.gae(r, v, m, gamma=torch.tensor(0.5))
+        fastppo.gae(r, v, m, gamma=True)
+    with pytest.raises(ValueError, match="gamma"):
+        fastppo.gae(r, v, m, gamma=torch.tensor([0.5]))
     with pytest.raises(TypeError):
         fastppo.gae(r, v, m, 0.9, 0.9)  # options are keyword-only
 

@@ -19,14 +19,9 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of ``x`` over valid positions: ``sum(x * mask) / max(sum(mask), 1)``.
 
-    ``x`` any float tensor, ``mask`` bool/int of the same shape. ``dim=None`` reduces everything.
-    A reduction with no valid position gives 0, not NaN.
+    ``x`` any float tensor, ``mask`` bool of the same shape (validated by :func:`fastppo.masked_mean`).
+    ``dim=None`` reduces everything. A reduction with no valid position gives 0, not NaN.
     """
-    from fastppo._checks import check_float, check_mask, check_same_device
-
-    check_float("x", x)
-    mask = check_mask("mask", mask, x.shape)
-    check_same_device({"x": x, "mask": mask})
     dtype = result_dtype(x)
     num = masked_sum(x.to(dtype), mask, dim)
     den = mask.sum() if dim is None else mask.sum(dim)
