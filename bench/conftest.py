@@ -4,6 +4,15 @@ import pytest
 import torch
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Without ``--benchmark-enable`` each benchmark runs once, as a test (a smoke run that cannot
+    rot). Set here, before pytest-benchmark reads it, rather than in ``addopts``: an option there would
+    break plain pytest wherever the plugin is not installed."""
+    if config.pluginmanager.hasplugin("benchmark") and not config.getoption("benchmark_enable", False):
+        config.option.benchmark_disable = True
+
+
 @pytest.fixture
 def one_thread():
     """CPU rows run on one torch thread: the Python-loop baselines gain nothing from threads, and on a

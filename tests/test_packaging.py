@@ -105,3 +105,50 @@ def test_fastppo_import_does_not_need_triton_kernels():
 def test_installed_metadata():
     spec = importlib.util.find_spec("fastppo.kernels.compile_check")
     assert spec is not None and spec.origin.startswith(str(ROOT / "kernels"))
+
+
+def test_plain_pytest_works_without_pytest_benchmark():
+    """No pytest-benchmark option in the config: the suite runs where the plugin is not installed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:benchmark", "-p", "no:cacheprovider", "tests/test_backend.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def _git_files(prefix: str) -> set[str]:
+    out = subprocess.run(["git", "ls-files", prefix], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout")
+    return {line for line in out.stdout.splitlines() if not line.endswith(".pyc")}
+
+
+@pytest.mark.slow
+def test_sdist_carries_the_tests_and_they_collect(tmp_path):
+    """The sdist holds every tracked file of tests/ and bench/ (conftest, helpers), the license and
+    the changelog, and pytest collects the tests from the unpacked sdist."""
+    import tarfile
+
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    (sdist,) = tmp_path.glob("fastppo-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "src", filter="data")
+    want = _git_files("tests") | _git_files("bench") | {"LICENSE", "CHANGELOG.md", "CONTRIBUTING.md", "setup.py"}
+    assert not want - names, sorted(want - names)
+    (root,) = (tmp_path / "src").iterdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " tests collected" in out.stdout or "tests collected" in out.stdout
