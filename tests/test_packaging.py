@@ -152,3 +152,14 @@ def test_sdist_carries_the_tests_and_they_collect(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " tests collected" in out.stdout or "tests collected" in out.stdout
+
+
+def test_readme_commands_are_what_ci_runs():
+    """README's test command is the one .ci/run runs, and its install line names the CPU build's index
+    (a plain `pip install torch` on Linux pulls a CUDA build of several GB)."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "python -m pytest -q" in readme
+    assert [line for line in ci if "pytest" in line and not line.startswith("#")] == ["python -m pytest -q"]
+    install = next(line for line in readme.splitlines() if line.startswith("pip install torch"))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install
