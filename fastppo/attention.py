@@ -11,11 +11,11 @@ transformers' ``AttentionInterface`` under :data:`ATTN_NAME` and switches a mode
 duration of a rollout (:func:`attn_implementation`). The model then runs its own embeddings, norms,
 projections, rotary embedding and MLP, and hands each layer's new ``q, k, v`` (after RoPE) to that
 function, which writes ``k, v`` into our static cache and attends. The cache, positions and masks come
-from the :class:`AttentionPlan` the generator passes as the ``fastppo_plan`` keyword of the model's
-forward (transformers hands unknown forward kwargs down to the attention function, which is also how
-its flash-attention kwargs travel; unlike a global, ``torch.compile`` traces it). This avoids every version-dependent
-``Cache`` API (5.17 and 5.24 differ), and leaves the decode step free of host syncs, so it can be captured
-in a CUDA graph.
+from the plan (:data:`AttentionPlan`: one frozen dataclass per kind of forward) that the generator passes
+as the ``fastppo_plan`` keyword of the model's forward (transformers hands unknown forward kwargs down to
+the attention function, which is also how its flash-attention kwargs travel; unlike a global,
+``torch.compile`` traces it). This avoids every version-dependent ``Cache`` API (5.17 and 5.24 differ),
+and leaves the decode step free of host syncs, so it can be captured in a CUDA graph.
 
 KV-cache layout: per layer ``[max_batch, max_length, kv_heads, head_dim]`` (flash-attn's layout), each row
 **left-aligned**: a prompt with ``n`` real tokens fills slots ``0..n-1`` whatever its left padding, so the
@@ -28,7 +28,7 @@ import contextlib
 import functools
 import importlib.util
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -141,32 +141,62 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-@dataclass
-class AttentionPlan:
-    """What one forward of the model does with attention. ``mode`` is one of
+@dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """What one forward of the model does with attention: one frozen subclass per kind of forward.
 
-    * ``"padded"``: prefill of a left-padded ``[B, P]`` batch. ``mask`` bool ``[B, 1, P, P]``;
-      ``src`` (batch, time) indices of the real tokens and ``slots`` their cache slots.
-    * ``"packed"``: prefill of a packed ``[1, T]`` batch; ``cu_seqlens``/``max_seqlen`` as flash-attn's
-      varlen API; ``rows``/``slots`` where each token goes in the cache.
-    * ``"decode"``: one new token per row for the first ``batch`` rows; ``seqlens`` int64 ``[batch]``
-      (tokens already cached = the slot written now), ``mask`` bool ``[batch, 1, 1, kv_len]`` (SDPA),
-      or ``seqlens32`` (flash-attn's ``cache_seqlens``) when ``backend == "flash"``.
+    ``cache``: the static K/V cache the forward writes (and reads). ``on_call``: optional
+    ``callback(layer_idx)`` run by every attention call, eager forwards only (the generator's model probe).
     """
 
-    mode: str
     cache: KVCache
-    backend: str = "sdpa"
-    mask: torch.Tensor | None = None
-    src: tuple | None = None
-    rows: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int = 0
-    seqlens: torch.Tensor | None = None
-    seqlens32: torch.Tensor | None = None
-    kv_len: int = 0
-    on_call: object = None  # optional callback(layer_idx), eager forwards only (the generator's model probe)
+    on_call: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PaddedPrefill(_Plan):
+    """Prefill of a left-padded ``[B, P]`` batch with one masked SDPA. ``mask`` bool ``[B, 1, P, P]``;
+    ``rows``/``times`` int64 ``[n]``: (batch, time) indices of the ``n`` real tokens; ``slots`` int64 ``[n]``
+    their cache slots."""
+
+    mask: torch.Tensor
+    rows: torch.Tensor
+    times: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackedPrefill(_Plan):
+    """Prefill of a packed ``[1, T]`` batch. ``cu_seqlens`` int32 ``[B + 1]``/``max_seqlen`` as flash-attn's
+    varlen API; ``rows``/``slots`` int64 ``[T]``: where each token goes in the cache. ``flash``: flash-attn's
+    varlen kernel, else one causal SDPA per sequence."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    flash: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class SdpaDecode(_Plan):
+    """One new token per row for the first ``B`` rows, SDPA over the first ``kv_len`` cache slots.
+    ``seqlens`` int64 ``[B]``: tokens already cached (= the slot written now); ``mask`` bool
+    ``[B, 1, 1, kv_len]``: the valid slots ``0..seqlens``."""
+
+    seqlens: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlashDecode(_Plan):
+    """One new token per row for the first ``B`` rows with ``flash_attn_with_kvcache``; ``seqlens32``
+    int32 ``[B]``: its ``cache_seqlens`` (tokens already cached)."""
+
+    seqlens32: torch.Tensor
+
+
+AttentionPlan = PaddedPrefill | PackedPrefill | SdpaDecode | FlashDecode
 
 
 @contextlib.contextmanager
@@ -210,7 +240,7 @@ def fastppo_attention(
     ``[B, Hkv, T, D]`` after RoPE; returns ``([B, T, Hq, D], None)``. ``attention_mask`` is ignored (the
     plan carries the masks), ``dropout`` too (rollouts run in eval mode)."""
     plan: AttentionPlan | None = fastppo_plan
-    if plan is None:
+    if not isinstance(plan, _Plan):
         raise RuntimeError(
             f"attn_implementation={ATTN_NAME!r} needs the fastppo_plan forward kwarg: it only works inside "
             "fastppo.Generator, with a model that passes its forward kwargs down to the attention function"
@@ -230,11 +260,15 @@ def fastppo_attention(
             f"was sized for {k_cache.shape[2]} x {k_cache.shape[3]} from the config"
         )
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if plan.mode == "decode":
-        return _decode(plan, query, key, value, k_cache, v_cache, scale), None
-    if plan.mode == "packed":
-        return _prefill_packed(plan, query, key, value, k_cache, v_cache, scale), None
-    return _prefill_padded(plan, query, key, value, k_cache, v_cache, scale), None
+    if isinstance(plan, SdpaDecode):
+        out = _decode_sdpa(plan, query, key, value, k_cache, v_cache, scale)
+    elif isinstance(plan, FlashDecode):
+        out = _decode_flash(plan, query, key, value, k_cache, v_cache, scale)
+    elif isinstance(plan, PackedPrefill):
+        out = _prefill_packed(plan, query, key, value, k_cache, v_cache, scale)
+    else:
+        out = _prefill_padded(plan, query, key, value, k_cache, v_cache, scale)
+    return out, None
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -242,11 +276,11 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _prefill_padded(plan, query, key, value, k_cache, v_cache, scale):
-    b_idx, t_idx = plan.src
+def _prefill_padded(plan: PaddedPrefill, query, key, value, k_cache, v_cache, scale):
+    rows, times = plan.rows, plan.times
     # [B, Hkv, P, D] -> real tokens [n, Hkv, D], stored at (row, slot) with slot = position id
-    k_cache[b_idx, plan.slots] = key.transpose(1, 2)[b_idx, t_idx].to(k_cache.dtype)
-    v_cache[b_idx, plan.slots] = value.transpose(1, 2)[b_idx, t_idx].to(v_cache.dtype)
+    k_cache[rows, plan.slots] = key.transpose(1, 2)[rows, times].to(k_cache.dtype)
+    v_cache[rows, plan.slots] = value.transpose(1, 2)[rows, times].to(v_cache.dtype)
     groups = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(
         query, _repeat_kv(key, groups), _repeat_kv(value, groups), attn_mask=plan.mask, scale=scale
@@ -254,11 +288,11 @@ def _prefill_padded(plan, query, key, value, k_cache, v_cache, scale):
     return out.transpose(1, 2)
 
 
-def _prefill_packed(plan, query, key, value, k_cache, v_cache, scale):
+def _prefill_packed(plan: PackedPrefill, query, key, value, k_cache, v_cache, scale):
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
     k_cache[plan.rows, plan.slots] = k.to(k_cache.dtype)
     v_cache[plan.rows, plan.slots] = v.to(v_cache.dtype)
-    if plan.backend == "flash":
+    if plan.flash:
         from flash_attn import flash_attn_varlen_func
 
         out = flash_attn_varlen_func(
@@ -285,29 +319,34 @@ def _prefill_packed(plan, query, key, value, k_cache, v_cache, scale):
     return out[None]
 
 
-def _decode(plan, query, key, value, k_cache, v_cache, scale):
+def _decode_flash(plan: FlashDecode, query, key, value, k_cache, v_cache, scale):
+    from flash_attn import flash_attn_with_kvcache
+
+    b = query.shape[0]
+    # appends k/v at cache_seqlens in place and attends to slots [0, seqlen]; a bucket is the first
+    # rows of the cache: contiguous views
+    return flash_attn_with_kvcache(
+        query.transpose(1, 2),
+        k_cache[:b],
+        v_cache[:b],
+        k=key.transpose(1, 2),
+        v=value.transpose(1, 2),
+        cache_seqlens=plan.seqlens32,
+        softmax_scale=scale,
+        causal=True,
+    )
+
+
+def _decode_sdpa(plan: SdpaDecode, query, key, value, k_cache, v_cache, scale):
     b, hq, _, d = query.shape
     hkv = key.shape[1]
+    kv_len = plan.mask.shape[-1]
     k_cache, v_cache = k_cache[:b], v_cache[:b]  # a bucket is the first rows: contiguous views
-    if plan.backend == "flash":
-        from flash_attn import flash_attn_with_kvcache
-
-        # appends k/v at cache_seqlens in place and attends to slots [0, seqlen]
-        return flash_attn_with_kvcache(
-            query.transpose(1, 2),
-            k_cache,
-            v_cache,
-            k=key.transpose(1, 2),
-            v=value.transpose(1, 2),
-            cache_seqlens=plan.seqlens32,
-            softmax_scale=scale,
-            causal=True,
-        )
     rows = torch.arange(b, device=query.device)
     k_cache.index_put_((rows, plan.seqlens), key[:, :, 0].to(k_cache.dtype))
     v_cache.index_put_((rows, plan.seqlens), value[:, :, 0].to(v_cache.dtype))
-    k = k_cache[:, : plan.kv_len].transpose(1, 2)  # [b, Hkv, kv_len, D], strided view, no copy
-    v = v_cache[:, : plan.kv_len].transpose(1, 2)
+    k = k_cache[:, :kv_len].transpose(1, 2)  # [b, Hkv, kv_len, D], strided view, no copy
+    v = v_cache[:, :kv_len].transpose(1, 2)
     # GQA without repeat_kv: the `groups` query heads of a kv head become `groups` query rows, so the
     # cache is read once instead of materialised Hq/Hkv times per step.
     q = query.reshape(b, hkv, hq // hkv, d)

@@ -42,7 +42,11 @@ from fastppo._generation_checks import (
 from fastppo.attention import (
     ATTN_NAME,
     AttentionPlan,
+    FlashDecode,
     KVCache,
+    PackedPrefill,
+    PaddedPrefill,
+    SdpaDecode,
     attn_implementation,
     flash_attn_available,
     pack_padded,
@@ -84,6 +88,20 @@ class GenerationOutput:
     def tokens_per_second(self) -> float:
         """Generated (valid) tokens per second of prefill + decode."""
         return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """What :meth:`Generator._generate_chunk` produced for its ``R`` rows: ``tokens`` int64, ``valid`` bool and
+    ``logprobs`` float32, each ``[R, N]`` (``N``: the chunk's longest completion), and its timing."""
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    logprobs: torch.Tensor
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    capture_seconds: float
 
 
 def _more_recompiles():
@@ -233,9 +251,8 @@ class Generator:
         ids = torch.zeros(1, 1, dtype=torch.int64, device=self.info.device)
         zero = torch.zeros(1, dtype=torch.int64, device=self.info.device)
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.info.device)
-        plan = AttentionPlan("padded", self.cache, mask=mask, src=(zero, zero), slots=zero)
         calls = []
-        plan.on_call = calls.append
+        plan = PaddedPrefill(cache=self.cache, mask=mask, rows=zero, times=zero, slots=zero, on_call=calls.append)
         name = type(self.model).__name__
         try:
             with torch.no_grad(), attn_implementation(self.model), eval_mode(self.model):
@@ -402,32 +419,32 @@ class Generator:
         valid = self.out_valid[:rows, :n]
         if has_eos:
             n = int(valid.sum(-1).max())
-        return (
-            self.out_tokens[:rows, :n].clone(),
-            self.out_valid[:rows, :n].clone(),
-            self.out_logprobs[:rows, :n].clone(),
-            t1 - t0,
-            t2 - t1 - capture,
-            steps,
-            capture,
+        return _Chunk(
+            tokens=self.out_tokens[:rows, :n].clone(),
+            valid=self.out_valid[:rows, :n].clone(),
+            logprobs=self.out_logprobs[:rows, :n].clone(),
+            prefill_seconds=t1 - t0,
+            decode_seconds=t2 - t1 - capture,
+            decode_steps=steps,
+            capture_seconds=capture,
         )
 
-    def _merge(self, ids, parts, pad) -> GenerationOutput:
-        n = max(p[0].shape[1] for p in parts)
+    def _merge(self, ids, parts: list[_Chunk], pad) -> GenerationOutput:
+        n = max(p.tokens.shape[1] for p in parts)
         widen = lambda t, fill: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=fill)  # noqa: E731
-        tokens = torch.cat([widen(p[0], pad) for p in parts])
-        valid = torch.cat([widen(p[1], False) for p in parts])
-        logprobs = torch.cat([widen(p[2], 0.0) for p in parts])
+        tokens = torch.cat([widen(p.tokens, pad) for p in parts])
+        valid = torch.cat([widen(p.valid, False) for p in parts])
+        logprobs = torch.cat([widen(p.logprobs, 0.0) for p in parts])
         return GenerationOutput(
             sequences=torch.cat([ids, tokens], dim=1),
             completion_mask=valid,
             logprobs=logprobs,
             prompt_length=ids.shape[1],
-            prefill_seconds=sum(p[3] for p in parts),
-            decode_seconds=sum(p[4] for p in parts),
-            decode_steps=sum(p[5] for p in parts),
+            prefill_seconds=sum(p.prefill_seconds for p in parts),
+            decode_seconds=sum(p.decode_seconds for p in parts),
+            decode_steps=sum(p.decode_steps for p in parts),
             num_tokens=int(valid.sum()),
-            capture_seconds=sum(p[6] for p in parts),
+            capture_seconds=sum(p.capture_seconds for p in parts),
         )
 
     def _prefill(self, ids, mask, lengths) -> torch.Tensor:
@@ -436,14 +453,13 @@ class Generator:
         if self.prefill == "packed":
             packed = pack_padded(ids, mask)
             slots = packed.position_ids[0]
-            plan = AttentionPlan(
-                "packed",
-                self.cache,
-                backend=self.attention,
+            plan = PackedPrefill(
+                cache=self.cache,
                 rows=packed.indices // width,
                 slots=slots,
                 cu_seqlens=packed.cu_seqlens,
                 max_seqlen=packed.max_seqlen,
+                flash=self.attention == "flash",
             )
             last = packed.cu_seqlens[1:].long() - 1
             logits = self._forward(
@@ -455,8 +471,8 @@ class Generator:
         causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
         # a padding query attends to itself only: no all-masked row (NaN) whose garbage could reach the cache
         attend = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=ids.device)[None]
-        plan = AttentionPlan(
-            "padded", self.cache, mask=attend[:, None], src=(b_idx, t_idx), slots=positions[b_idx, t_idx]
+        plan = PaddedPrefill(
+            cache=self.cache, mask=attend[:, None], rows=b_idx, times=t_idx, slots=positions[b_idx, t_idx]
         )
         logits = self._forward(plan, input_ids=ids, position_ids=positions.clamp_min(0), logits_to_keep=1)
         return logits[:, -1].float()
@@ -480,11 +496,11 @@ class Generator:
     def _step(self, b: int, kv_len: int, mode: str):
         """Feed ``tokens[:b]`` at slots/positions ``seqlens[:b]``, sample the next tokens, record them."""
         seqlens = self.seqlens[:b]
-        plan = AttentionPlan("decode", self.cache, backend=self.attention, seqlens=seqlens, kv_len=kv_len)
         if self.attention == "flash":
-            plan.seqlens32 = seqlens.to(torch.int32)
+            plan = FlashDecode(cache=self.cache, seqlens32=seqlens.to(torch.int32))
         else:
-            plan.mask = (torch.arange(kv_len, device=seqlens.device) <= seqlens[:, None])[:, None, None, :]
+            valid = torch.arange(kv_len, device=seqlens.device) <= seqlens[:, None]
+            plan = SdpaDecode(cache=self.cache, seqlens=seqlens, mask=valid[:, None, None, :])
         logits = self._forward(plan, input_ids=self.tokens[:b, None], position_ids=seqlens[:, None], logits_to_keep=1)
         tok, lp = sample_tokens(
             logits[:, -1],
