@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import KL_KINDS
+from tests._losses import LOW_PRECISION, check_bad_input
 from tests._tol import assert_within_rule, relayout, to_cpu, to_kernel_device
-
-LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def loop_kl(lp, ref, kind, mask=None):
@@ -242,14 +241,7 @@ def test_property_estimators(shape, seed, spread, backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input(change, exc, match, backend):
     args = {"logprobs": torch.zeros(2, 4), "ref_logprobs": torch.zeros(2, 4)}
-    kwargs = {}
-    for k, v in change.items():
-        (args if k in args else kwargs)[k] = v
-    # On the kernel's device, so that the change is the only defect (meta tensors and non-tensors stay).
-    args = dict(zip(args, to_kernel_device(*args.values(), backend=backend)))
-    kwargs = dict(zip(kwargs, to_kernel_device(*kwargs.values(), backend=backend)))
-    with fastppo.use_backend(backend), pytest.raises(exc, match=match):
-        fastppo.kl_penalty(args["logprobs"], args["ref_logprobs"], **kwargs)
+    check_bad_input(fastppo.kl_penalty, args, change, exc, match, backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

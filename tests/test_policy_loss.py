@@ -17,10 +17,20 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import AGGS
-from tests._tol import assert_within_rule, relayout, scalar, to_cpu, to_kernel_device
+from tests._losses import (
+    LOW_PRECISION,
+    check_all_masked,
+    check_bad_input,
+    check_gradient_accumulation,
+    check_kernel_matches_loop,
+    check_masked_garbage_does_not_leak,
+    loop_weights,
+    random_mask,
+    run_loss,
+)
+from tests._tol import to_kernel_device
 
 STATS = ("clip_frac", "clip_frac_lower", "approx_kl", "ratio_max", "ratio_min")
-LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -58,13 +68,7 @@ def loop_policy(lp, old, adv, mask, *, clip_low=0.2, clip_high=None, dual_clip=N
             n += 1
             kl += (ratio - 1.0) - dc
             rmax, rmin = max(rmax, ratio), min(rmin, ratio)
-    counts = [sum(row) for row in M]
-    norm = None if normalizer is None else float(normalizer)
-    if agg == "token-mean":
-        w = [1.0 / (norm or max(n, 1))] * rows
-    else:
-        seqs = norm or max(sum(c > 0 for c in counts), 1)
-        w = [1.0 / seqs / (max(c, 1) if agg == "seq-mean-token-mean" else 1) for c in counts]
+    w = loop_weights(M, agg, normalizer)
     loss = sum(w[r] * sum(l_tok[r]) for r in range(rows))
     scale = sum(w[r] * sum(abs(x) for x in l_tok[r]) for r in range(rows))
     grad = torch.tensor([[w[r] * g for g in g_tok[r]] for r in range(rows)], dtype=torch.float64).reshape(lp.shape)
@@ -85,26 +89,12 @@ def make_inputs(shape, *, seed=0, mask_kind="holes", spread=0.6):
     lp = -3.0 * torch.rand(shape, generator=g)
     old = lp + spread * torch.randn(shape, generator=g)
     adv = torch.randn(shape, generator=g)
-    mask = torch.rand(shape, generator=g) > 0.3
-    T = shape[-1]
-    if mask_kind == "row":
-        mask.reshape(-1, T)[0] = False
-    elif mask_kind == "none":
-        mask[...] = False
-    elif mask_kind == "all":
-        mask[...] = True
-    return lp, old, adv, mask
+    return lp, old, adv, random_mask(shape, g, mask_kind)
 
 
 def run(backend, lp, old, adv, mask, **opts):
-    """fastppo.policy_loss on ``backend`` and d loss / d lp. The CPU inputs move to the backend's test
-    device (CUDA for compiled Triton kernels); loss, gradient and stats come back on the CPU."""
-    lp, old, adv, mask = to_kernel_device(lp, old, adv, mask, backend=backend)
-    lp = lp.detach().requires_grad_()
-    with fastppo.use_backend(backend):
-        loss, stats = fastppo.policy_loss(lp, old, adv, mask, **opts)
-    (grad,) = torch.autograd.grad(loss, lp)
-    return to_cpu((loss, grad, stats))
+    """fastppo.policy_loss on ``backend``: (loss, d loss / d lp, stats) on the CPU."""
+    return run_loss(fastppo.policy_loss, backend, lp, old, adv, mask, **opts)
 
 
 # ----------------------------------------------------------------------------- reference vs loop
@@ -171,21 +161,10 @@ CASES = {
 def test_triton_matches_loop(case, dtype):
     shape, layout, mask_kind, int_mask, opts = CASES[case]
     lp, old, adv, mask = make_inputs(shape, mask_kind=mask_kind)
-    inputs = (lp.to(dtype), old.to(dtype), adv.to(dtype), mask.long() if int_mask else mask)
-    lp, old, adv, mask = (relayout(x, layout) for x in inputs)
-    k_inputs = [relayout(x, layout) for x in to_kernel_device(*inputs)]  # the layout made on the kernel's device
-    assert [x.stride() for x in k_inputs] == [x.stride() for x in (lp, old, adv, mask)]
-    want, want_grad, want_stats, scale = loop_policy(lp, old, adv, mask, **opts)  # truth on the rounded inputs
-    t_loss, t_grad, t_stats = run("torch", lp, old, adv, mask, **opts)
-    k_loss, k_grad, k_stats = run("triton", *k_inputs, **opts)
-
-    assert k_loss.dtype == torch.float32 and k_grad.dtype == dtype and k_grad.shape == lp.shape
-    assert_within_rule(scalar(k_loss), scalar(t_loss), scalar(want), atol=1e-6 * (1 + scale), name="loss")
-    g_atol = 4 * torch.finfo(dtype).eps * want_grad.abs().max().item() + 1e-30
-    assert_within_rule(k_grad, t_grad, want_grad, atol=g_atol, name="grad")
-    for k in STATS:
-        assert k_stats[k].dtype == torch.float32 and k_stats[k].shape == () and not k_stats[k].requires_grad
-        assert_within_rule(scalar(k_stats[k]), scalar(t_stats[k]), scalar(want_stats[k]), atol=2e-6, name=k)
+    mask = mask.long() if int_mask else mask
+    want_stats = check_kernel_matches_loop(
+        fastppo.policy_loss, loop_policy, (lp, old, adv), mask, layout=layout, dtype=dtype, **opts
+    )
     if shape[-1] > 5:  # the case exercises what it claims to
         assert want_stats["clip_frac"] > 0
         assert (want_stats["clip_frac_lower"] > 0) == ("dual_clip" in opts)
@@ -230,34 +209,16 @@ def test_log_ratio_clamp(backend, sign):
 def test_all_masked_batch(backend, agg):
     lp, old, adv, mask = make_inputs((2, 6), mask_kind="none")
     lp[0, 0], old[1, 2], adv[0, 3] = math.nan, math.inf, -math.inf
-    lp, old, adv, mask = to_kernel_device(lp, old, adv, mask, backend=backend)
-    lp = lp.requires_grad_()
-    with fastppo.use_backend(backend):
-        loss, stats = fastppo.policy_loss(lp, old, adv, mask, agg=agg)
-    assert loss.item() == 0.0 and loss.requires_grad
-    loss.backward()
-    assert torch.equal(lp.grad, torch.zeros_like(lp))
-    assert {k: v.item() for k, v in stats.items()} == {
-        "clip_frac": 0.0,
-        "clip_frac_lower": 0.0,
-        "approx_kl": 0.0,
-        "ratio_max": 1.0,
-        "ratio_min": 1.0,
-    }
+    want = {"clip_frac": 0.0, "clip_frac_lower": 0.0, "approx_kl": 0.0, "ratio_max": 1.0, "ratio_min": 1.0}
+    check_all_masked(fastppo.policy_loss, backend, (lp, old, adv), mask, want, agg=agg)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nan_in_masked_positions_does_not_leak(backend):
     lp, old, adv, mask = make_inputs((3, 10), mask_kind="row")
-    clean = run(backend, lp, old, adv, mask, dual_clip=2.0, agg="seq-mean-token-mean")
-    bad = [x.clone() for x in (lp, old, adv)]
-    for x, v in zip(bad, (math.nan, math.inf, -math.inf)):
-        x[~mask] = v
-    dirty = run(backend, *bad, mask, dual_clip=2.0, agg="seq-mean-token-mean")
-    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
-    assert torch.equal(dirty[1][~mask], torch.zeros(int((~mask).sum())))
-    for k in STATS:
-        assert torch.equal(clean[2][k], dirty[2][k]), k
+    check_masked_garbage_does_not_leak(
+        fastppo.policy_loss, backend, (lp, old, adv), mask, dual_clip=2.0, agg="seq-mean-token-mean"
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -293,18 +254,10 @@ def test_gradient_accumulation_equals_full_batch(backend, agg):
     sequences. seq-mean-token-mean: likewise (each sequence's own mean is local to its micro-batch).
     """
     lp, old, adv, mask = make_inputs((6, 13), mask_kind="row")
-    full_loss, full_grad, _ = run(backend, lp, old, adv, mask, agg=agg)
-    x, old, adv, mask = to_kernel_device(lp.detach(), old, adv, mask, backend=backend)
-    norm = mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()  # a 0-dim tensor on the inputs' device
-    x.requires_grad_()
-    total = 0.0
-    with fastppo.use_backend(backend):
-        for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
-            loss, _ = fastppo.policy_loss(x[rows], old[rows], adv[rows], mask[rows], agg=agg, normalizer=norm)
-            loss.backward()
-            total += loss.item()
-    assert total == pytest.approx(full_loss.item(), abs=1e-6)
-    torch.testing.assert_close(x.grad.cpu(), full_grad, atol=1e-7, rtol=1e-5)
+    splits = (slice(0, 2), slice(2, 3), slice(3, 6))
+    check_gradient_accumulation(
+        fastppo.policy_loss, backend, (lp, old, adv), mask, splits, agg=agg, tensor_normalizer=True
+    )
 
 
 # ----------------------------------------------------------------------------- properties
@@ -399,15 +352,7 @@ def _good():
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input(change, exc, match, backend):
-    args = _good()
-    kwargs = {k: args.pop(k) for k in list(args) if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
-    for k, v in change.items():
-        (args if k in args else kwargs)[k] = v
-    # On the kernel's device, so that the change is the only defect (meta tensors and non-tensors stay).
-    args = dict(zip(args, to_kernel_device(*args.values(), backend=backend)))
-    kwargs = dict(zip(kwargs, to_kernel_device(*kwargs.values(), backend=backend)))
-    with fastppo.use_backend(backend), pytest.raises(exc, match=match):
-        fastppo.policy_loss(args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"], **kwargs)
+    check_bad_input(fastppo.policy_loss, _good(), change, exc, match, backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,10 +17,19 @@ from hypothesis import strategies as st
 
 import fastppo
 from fastppo.losses import AGGS
-from tests._tol import assert_within_rule, relayout, scalar, to_cpu, to_kernel_device
+from tests._losses import (
+    LOW_PRECISION,
+    check_all_masked,
+    check_bad_input,
+    check_gradient_accumulation,
+    check_kernel_matches_loop,
+    check_masked_garbage_does_not_leak,
+    loop_weights,
+    random_mask,
+    run_loss,
+)
 
 STATS = ("clip_frac", "vpred_mean", "error_mean")
-LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def loop_value(v, old, ret, mask, *, clip=None, agg="token-mean", normalizer=None):
@@ -50,13 +59,7 @@ def loop_value(v, old, ret, mask, *, clip=None, agg="token-mean", normalizer=Non
             n += 1
             v_sum += V[r][t]
             e_sum += diff * diff
-    counts = [sum(row) for row in M]
-    norm = None if normalizer is None else float(normalizer)
-    if agg == "token-mean":
-        w = [1.0 / (norm or max(n, 1))] * rows
-    else:
-        seqs = norm or max(sum(c > 0 for c in counts), 1)
-        w = [1.0 / seqs / (max(c, 1) if agg == "seq-mean-token-mean" else 1) for c in counts]
+    w = loop_weights(M, agg, normalizer)
     loss = sum(w[r] * sum(l_tok[r]) for r in range(rows))
     scale = sum(w[r] * sum(l_tok[r]) for r in range(rows))  # every term is >= 0
     grad = torch.tensor([[w[r] * g for g in g_tok[r]] for r in range(rows)], dtype=torch.float64).reshape(v.shape)
@@ -69,25 +72,12 @@ def make_inputs(shape, *, seed=0, mask_kind="holes"):
     v = torch.randn(shape, generator=g)
     old = v + 0.3 * torch.randn(shape, generator=g)
     ret = torch.randn(shape, generator=g)
-    mask = torch.rand(shape, generator=g) > 0.3
-    if mask_kind == "row":
-        mask.reshape(-1, shape[-1])[0] = False
-    elif mask_kind == "none":
-        mask[...] = False
-    elif mask_kind == "all":
-        mask[...] = True
-    return v, old, ret, mask
+    return v, old, ret, random_mask(shape, g, mask_kind)
 
 
 def run(backend, v, old, ret, mask, **opts):
-    """fastppo.value_loss on ``backend`` and d loss / d v. The CPU inputs move to the backend's test
-    device (CUDA for compiled Triton kernels); loss, gradient and stats come back on the CPU."""
-    v, old, ret, mask = to_kernel_device(v, old, ret, mask, backend=backend)
-    v = v.detach().requires_grad_()
-    with fastppo.use_backend(backend):
-        loss, stats = fastppo.value_loss(v, old, ret, mask, **opts)
-    (grad,) = torch.autograd.grad(loss, v)
-    return to_cpu((loss, grad, stats))
+    """fastppo.value_loss on ``backend``: (loss, d loss / d v, stats) on the CPU."""
+    return run_loss(fastppo.value_loss, backend, v, old, ret, mask, **opts)
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -138,21 +128,10 @@ CASES = {
 def test_triton_matches_loop(case, dtype):
     shape, layout, mask_kind, int_mask, opts = CASES[case]
     v, old, ret, mask = make_inputs(shape, mask_kind=mask_kind)
-    inputs = (v.to(dtype), old.to(dtype), ret.to(dtype), mask.long() if int_mask else mask)
-    v, old, ret, mask = (relayout(x, layout) for x in inputs)
-    k_inputs = [relayout(x, layout) for x in to_kernel_device(*inputs)]  # the layout made on the kernel's device
-    assert [x.stride() for x in k_inputs] == [x.stride() for x in (v, old, ret, mask)]
-    want, want_grad, want_stats, scale = loop_value(v, old, ret, mask, **opts)
-    t_loss, t_grad, t_stats = run("torch", v, old, ret, mask, **opts)
-    k_loss, k_grad, k_stats = run("triton", *k_inputs, **opts)
-
-    assert k_loss.dtype == torch.float32 and k_grad.dtype == dtype and k_grad.shape == v.shape
-    assert_within_rule(scalar(k_loss), scalar(t_loss), scalar(want), atol=1e-6 * (1 + scale), name="loss")
-    g_atol = 4 * torch.finfo(dtype).eps * want_grad.abs().max().item() + 1e-30
-    assert_within_rule(k_grad, t_grad, want_grad, atol=g_atol, name="grad")
-    for k in STATS:
-        assert k_stats[k].dtype == torch.float32 and k_stats[k].shape == () and not k_stats[k].requires_grad
-        assert_within_rule(scalar(k_stats[k]), scalar(t_stats[k]), scalar(want_stats[k]), atol=2e-6, name=k)
+    mask = mask.long() if int_mask else mask
+    want_stats = check_kernel_matches_loop(
+        fastppo.value_loss, loop_value, (v, old, ret), mask, layout=layout, dtype=dtype, **opts
+    )
     if shape[-1] > 5:
         assert (want_stats["clip_frac"] > 0) == ("clip" in opts)
 
@@ -174,14 +153,8 @@ def test_mixed_input_dtypes(backend):
 def test_all_masked_batch(backend, agg):
     v, old, ret, mask = make_inputs((2, 6), mask_kind="none")
     v[0, 0], old[1, 2], ret[0, 3] = math.nan, math.inf, -math.inf
-    v, old, ret, mask = to_kernel_device(v, old, ret, mask, backend=backend)
-    v = v.requires_grad_()
-    with fastppo.use_backend(backend):
-        loss, stats = fastppo.value_loss(v, old, ret, mask, clip=0.2, agg=agg)
-    assert loss.item() == 0.0 and loss.requires_grad
-    loss.backward()
-    assert torch.equal(v.grad, torch.zeros_like(v))
-    assert {k: s.item() for k, s in stats.items()} == {"clip_frac": 0.0, "vpred_mean": 0.0, "error_mean": 0.0}
+    want = {"clip_frac": 0.0, "vpred_mean": 0.0, "error_mean": 0.0}
+    check_all_masked(fastppo.value_loss, backend, (v, old, ret), mask, want, clip=0.2, agg=agg)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -201,15 +174,9 @@ def test_clip_frac_is_zero_when_nothing_is_clipped(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nan_in_masked_positions_does_not_leak(backend):
     v, old, ret, mask = make_inputs((3, 10), mask_kind="row")
-    clean = run(backend, v, old, ret, mask, clip=0.2, agg="seq-mean-token-sum")
-    bad = [x.clone() for x in (v, old, ret)]
-    for x, val in zip(bad, (math.nan, math.inf, -math.inf)):
-        x[~mask] = val
-    dirty = run(backend, *bad, mask, clip=0.2, agg="seq-mean-token-sum")
-    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
-    assert torch.equal(dirty[1][~mask], torch.zeros(int((~mask).sum())))
-    for k in STATS:
-        assert torch.equal(clean[2][k], dirty[2][k]), k
+    check_masked_garbage_does_not_leak(
+        fastppo.value_loss, backend, (v, old, ret), mask, clip=0.2, agg="seq-mean-token-sum"
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -225,18 +192,10 @@ def test_old_values_unused_without_clip(backend):
 @pytest.mark.parametrize("agg", AGGS)
 def test_gradient_accumulation_equals_full_batch(backend, agg):
     v, old, ret, mask = make_inputs((6, 13), mask_kind="row")
-    full_loss, full_grad, _ = run(backend, v, old, ret, mask, agg=agg, clip=0.2)
-    norm = int(mask.sum()) if agg == "token-mean" else int((mask.sum(-1) > 0).sum())
-    x, old, ret, mask = to_kernel_device(v.detach(), old, ret, mask, backend=backend)
-    x.requires_grad_()
-    total = 0.0
-    with fastppo.use_backend(backend):
-        for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
-            loss, _ = fastppo.value_loss(x[rows], old[rows], ret[rows], mask[rows], clip=0.2, agg=agg, normalizer=norm)
-            loss.backward()
-            total += loss.item()
-    assert total == pytest.approx(full_loss.item(), abs=1e-6)
-    torch.testing.assert_close(x.grad.cpu(), full_grad, atol=1e-7, rtol=1e-5)
+    splits = (slice(0, 1), slice(1, 4), slice(4, 6))
+    check_gradient_accumulation(
+        fastppo.value_loss, backend, (v, old, ret), mask, splits, agg=agg, tensor_normalizer=False, clip=0.2
+    )
 
 
 @settings(max_examples=15, deadline=None)
@@ -286,15 +245,7 @@ def _good():
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input(change, exc, match, backend):
-    args = _good()
-    kwargs = {}
-    for k, val in change.items():
-        (args if k in args else kwargs)[k] = val
-    # On the kernel's device, so that the change is the only defect (meta tensors and non-tensors stay).
-    args = dict(zip(args, to_kernel_device(*args.values(), backend=backend)))
-    kwargs = dict(zip(kwargs, to_kernel_device(*kwargs.values(), backend=backend)))
-    with fastppo.use_backend(backend), pytest.raises(exc, match=match):
-        fastppo.value_loss(args["values"], args["old_values"], args["returns"], args["mask"], **kwargs)
+    check_bad_input(fastppo.value_loss, _good(), change, exc, match, backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
