@@ -27,6 +27,7 @@ import torch
 import triton.language as tl
 
 from fastppo.kernels._jit import CompileSpec, jit, on_device
+from fastppo.kernels._streaming import row_strides
 
 # Time steps per block: 256 steps over 4 warps is 2 per thread, so the 5-tuple scan stays in
 # registers; longer rows loop over blocks inside the kernel with a carried state.
@@ -120,12 +121,7 @@ def gae_forward(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
             adv,
             ret,
             T,
-            rewards.stride(0),
-            rewards.stride(1),
-            values.stride(0),
-            values.stride(1),
-            m.stride(0),
-            m.stride(1),
+            *row_strides(rewards, values, m),
             float(gamma),
             float(gamma) * float(lam),
             BLOCK_T=BLOCK_T,

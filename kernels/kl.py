@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastppo.kernels._jit import CompileSpec, jit, on_device, streaming_spec
+from fastppo.kernels._streaming import flag, load_valid, row_block, row_strides, rows2d
 
 KINDS = ("k1", "abs", "k2", "k3")
 # 1024 elements per program at 4 warps: 8 per thread, fully vectorised loads for a pure streaming
@@ -97,18 +98,12 @@ def _kl_grad(d, KIND: tl.constexpr):
 
 
 @jit
-def _flag(flag, BLOCK: tl.constexpr):
-    """A runtime int flag as a [BLOCK] bool (the interpreter needs a tensor to join a mask)."""
-    return tl.full((BLOCK,), flag, tl.int32) != 0
-
-
-@jit
 def _load_d(
     LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, has_mask, BLOCK: tl.constexpr
 ):
     """``(d, valid)`` for one block; masked positions give d = 0 (a NaN/inf stored there cannot leak).
     Loads are masked by the row bound only: a mask that depends on data cannot be vectorised."""
-    valid = tl.load(MASK + row * s_m_r + c * s_m_t, mask=in_row & _flag(has_mask, BLOCK), other=1) != 0
+    valid = tl.load(MASK + row * s_m_r + c * s_m_t, mask=in_row & flag(has_mask, BLOCK), other=1) != 0
     valid = valid & in_row
     lp = tl.load(LP + row * s_lp_r + c * s_lp_t, mask=in_row, other=0.0).to(tl.float32)
     ref = tl.load(REF + row * s_ref_r + c * s_ref_t, mask=in_row, other=0.0).to(tl.float32)
@@ -133,10 +128,7 @@ def _kl_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     """OUT[row, t] = k(d) (0 where masked). LP/REF/MASK: [rows, T] any strides; OUT: [rows, T] fp32 contiguous."""
-    row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can exceed 2**31
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < T
-    c = cols.to(tl.int64)
+    row, _, c, in_row = row_block(T, BLOCK)
     d, valid = _load_d(LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, has_mask, BLOCK)
     k = tl.where(valid, _kl_value(d, KIND), 0.0)
     tl.store(OUT + row * T + c, k, mask=in_row)
@@ -170,26 +162,24 @@ def _kl_bwd_kernel(
     GOUT: [rows, T] fp32 any strides (the grad of a ``.sum()`` is an expanded, stride-0 tensor);
     GLP/GREF: [rows, T] contiguous.
     """
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < T
-    c = cols.to(tl.int64)
+    row, _, c, in_row = row_block(T, BLOCK)
     d, valid = _load_d(LP, REF, MASK, row, c, in_row, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_m_r, s_m_t, has_mask, BLOCK)
-    go = tl.where(valid, tl.load(GOUT + row * s_g_r + c * s_g_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
+    go = load_valid(GOUT, row, c, s_g_r, s_g_t, in_row, valid)
     g = tl.where(valid, go * _kl_grad(d, KIND), 0.0)
-    tl.store(GLP + row * T + c, g.to(GLP.dtype.element_ty), mask=in_row & _flag(need_lp, BLOCK))
-    tl.store(GREF + row * T + c, (-g).to(GREF.dtype.element_ty), mask=in_row & _flag(need_ref, BLOCK))
+    tl.store(GLP + row * T + c, g.to(GLP.dtype.element_ty), mask=in_row & flag(need_lp, BLOCK))
+    tl.store(GREF + row * T + c, (-g).to(GREF.dtype.element_ty), mask=in_row & flag(need_ref, BLOCK))
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., T]`` as ``[rows, T]``: a view (no copy) for 0/1/2-D tensors, any strides, and mergeable leading dims."""
-    return x.reshape(1, 1) if x.dim() == 0 else x.reshape(-1, x.shape[-1])
+def _views(logprobs, ref_logprobs, mask):
+    """``(lp, ref, mask)`` as ``[rows, T]`` views; no mask: a ``[1, 1]`` placeholder the kernels do not read."""
+    lp, ref = rows2d(logprobs), rows2d(ref_logprobs)
+    m = rows2d(mask) if mask is not None else torch.ones((1, 1), dtype=torch.bool, device=lp.device)
+    return lp, ref, m
 
 
 def kl_fwd(logprobs, ref_logprobs, mask, kind: int) -> torch.Tensor:
     """Per-token estimator, float32, contiguous, shape of ``logprobs``."""
-    lp, ref = _rows(logprobs), _rows(ref_logprobs)
-    m = _rows(mask) if mask is not None else torch.ones((1, 1), dtype=torch.bool, device=lp.device)
+    lp, ref, m = _views(logprobs, ref_logprobs, mask)
     rows, T = lp.shape
     out = torch.empty(logprobs.shape, dtype=torch.float32, device=lp.device)
     with on_device(lp):
@@ -199,12 +189,7 @@ def kl_fwd(logprobs, ref_logprobs, mask, kind: int) -> torch.Tensor:
             m,
             out,
             T,
-            lp.stride(0),
-            lp.stride(1),
-            ref.stride(0),
-            ref.stride(1),
-            m.stride(0),
-            m.stride(1),
+            *row_strides(lp, ref, m),
             int(mask is not None),
             KIND=kind,
             BLOCK=BLOCK_T,
@@ -215,8 +200,8 @@ def kl_fwd(logprobs, ref_logprobs, mask, kind: int) -> torch.Tensor:
 
 def kl_bwd(grad_out, logprobs, ref_logprobs, mask, kind: int, need_lp: bool, need_ref: bool):
     """``(grad_logprobs or None, grad_ref_logprobs or None)`` in the inputs' dtypes."""
-    lp, ref, go = _rows(logprobs), _rows(ref_logprobs), _rows(grad_out)
-    m = _rows(mask) if mask is not None else torch.ones((1, 1), dtype=torch.bool, device=lp.device)
+    lp, ref, m = _views(logprobs, ref_logprobs, mask)
+    go = rows2d(grad_out)
     rows, T = lp.shape
     # Unneeded gradients get a 1-element placeholder that the masked store never touches.
     g_lp = torch.empty(logprobs.shape if need_lp else (1,), dtype=logprobs.dtype, device=lp.device)
@@ -230,14 +215,7 @@ def kl_bwd(grad_out, logprobs, ref_logprobs, mask, kind: int, need_lp: bool, nee
             g_lp,
             g_ref,
             T,
-            lp.stride(0),
-            lp.stride(1),
-            ref.stride(0),
-            ref.stride(1),
-            m.stride(0),
-            m.stride(1),
-            go.stride(0),
-            go.stride(1),
+            *row_strides(lp, ref, m, go),
             int(mask is not None),
             int(need_lp),
             int(need_ref),

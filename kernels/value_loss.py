@@ -1,7 +1,8 @@
 """PPO (clipped) value loss in one Triton pass: per-token loss, its gradient and the stats.
 
-Flow: ``_value_loss_fwd_kernel`` -> ``value_loss_fwd`` (launcher) -> ``ValueLossFunction`` ->
-``value_loss_triton`` (called by :func:`fastppo.value_loss` after validation).
+Flow: ``_value_loss_fwd_kernel`` -> ``value_loss_fwd`` (launcher) -> ``ValueLossFunction`` (its backward:
+:class:`fastppo.kernels._loss.WeightedLossFunction`) -> ``value_loss_triton`` (called by
+:func:`fastppo.value_loss` after validation).
 
 Per token (float32), ``v`` values, ``o`` old values, ``R`` returns::
 
@@ -9,7 +10,7 @@ Per token (float32), ``v`` values, ``o`` old values, ``R`` returns::
     l = 0.5 max(e1, e2)
     dl/dv = v - R when e1 wins, (clamp(v, o - c, o + c) - R) * [o - c <= v <= o + c] when e2 wins.
 
-Aggregation as in :mod:`fastppo.kernels.policy_loss`: the kernel writes the unweighted gradient and
+Aggregation as in :mod:`fastppo.kernels._loss`: the kernel writes the unweighted gradient and
 per-program partial sums; torch turns the row counts into per-row weights (batch-wide counts are only
 known after the pass) and the backward is ``saved_grad * (grad_output * w_row)``.
 """
@@ -19,20 +20,18 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import jit, on_device
-from fastppo.kernels.policy_loss import (
-    BLOCK_T,
-    N_PARTIAL,
-    NUM_WARPS,
+from fastppo.kernels._jit import jit
+from fastppo.kernels._loss import (
+    WeightedLossFunction,
+    kernel_inputs,
+    launch_loss_kernel,
     loss_kernel_specs,
     reduce_partials,
-    weighted_grad,
 )
+from fastppo.kernels._streaming import flag, load_valid, row_block
 
-# Block size and warps as the policy loss (same access pattern: three streams + a mask).
 STAT_NAMES = ("clip_frac", "vpred_mean", "error_mean")
 
 
@@ -65,17 +64,11 @@ def _value_loss_fwd_kernel(
     (written when ``store_grad``), PART: [rows, n_tblocks, 8] fp32 (count, loss sum, clip count,
     v sum, (v - R)^2 sum). OLD is not read when ``has_clip == 0``.
     """
-    row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can exceed 2**31
-    tb = tl.program_id(1)
-    cols = tb * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < T
-    c = cols.to(tl.int64)
+    row, tb, c, in_row = row_block(T, BLOCK)
     valid = tl.load(MASK + row * s_m_r + c * s_m_t, mask=in_row, other=0) != 0
-    use_clip = tl.full((BLOCK,), has_clip, tl.int32) != 0  # a tensor: the interpreter needs one in a mask
-    # Loads masked by the row bound only (a mask that depends on data cannot be vectorised), then
-    # masked positions replaced by 0: a NaN/inf stored there cannot leak.
-    v = tl.where(valid, tl.load(V + row * s_v_r + c * s_v_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
-    ret = tl.where(valid, tl.load(RET + row * s_ret_r + c * s_ret_t, mask=in_row, other=0.0).to(tl.float32), 0.0)
+    use_clip = flag(has_clip, BLOCK)
+    v = load_valid(V, row, c, s_v_r, s_v_t, in_row, valid)
+    ret = load_valid(RET, row, c, s_ret_r, s_ret_t, in_row, valid)
     old = tl.load(OLD + row * s_old_r + c * s_old_t, mask=in_row & use_clip, other=0.0).to(tl.float32)
     old = tl.where(valid & use_clip, old, 0.0)
 
@@ -92,7 +85,7 @@ def _value_loss_fwd_kernel(
     inside = (v >= lo) & (v <= hi)
     grad = tl.where(clipped, tl.where(inside, diff_c, 0.0), diff)
     grad = tl.where(valid, grad, 0.0)
-    tl.store(GRAD + row * T + c, grad, mask=in_row & (tl.full((BLOCK,), store_grad, tl.int32) != 0))
+    tl.store(GRAD + row * T + c, grad, mask=in_row & flag(store_grad, BLOCK))
 
     base = PART + (row * n_tblocks + tb) * 8
     tl.store(base + 0, tl.sum(valid.to(tl.float32), axis=0))
@@ -103,43 +96,12 @@ def _value_loss_fwd_kernel(
 
 
 def value_loss_fwd(values, old_values, returns, mask, *, clip, store_grad):
-    """Launch the kernel on ``[..., T]`` inputs.
+    """Launch the kernel on ``[..., T]`` inputs (:func:`fastppo.kernels._loss.launch_loss_kernel`).
 
     Returns ``(grad [rows, T] fp32 or None, partials [rows, blocks, 8] fp32)``.
-
-    ``reshape(-1, T)`` is a view (no copy) for any 2-D strides and mergeable leading dims.
     """
-    T = values.shape[-1]
-    v, old, ret, m = (x.reshape(-1, T) for x in (values, old_values, returns, mask))
-    rows = v.shape[0]
-    n_tblocks = triton.cdiv(T, BLOCK_T)
-    grad = torch.empty((rows, T) if store_grad else (1,), dtype=torch.float32, device=v.device)
-    part = torch.empty((rows, n_tblocks, N_PARTIAL), dtype=torch.float32, device=v.device)
-    with on_device(v):
-        _value_loss_fwd_kernel[(rows, n_tblocks)](
-            v,
-            old,
-            ret,
-            m,
-            grad,
-            part,
-            T,
-            n_tblocks,
-            v.stride(0),
-            v.stride(1),
-            old.stride(0),
-            old.stride(1),
-            ret.stride(0),
-            ret.stride(1),
-            m.stride(0),
-            m.stride(1),
-            0.0 if clip is None else float(clip),
-            int(clip is not None),
-            int(store_grad),
-            BLOCK=BLOCK_T,
-            num_warps=NUM_WARPS,
-        )
-    return (grad if store_grad else None), part
+    scalars = (0.0 if clip is None else float(clip), int(clip is not None))
+    return launch_loss_kernel(_value_loss_fwd_kernel, (values, old_values, returns), mask, scalars, store_grad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +111,7 @@ class ValueLossConfig:
     normalizer: object  # None, a number or a 0-dim tensor
 
 
-class ValueLossFunction(torch.autograd.Function):
+class ValueLossFunction(WeightedLossFunction):
     """``(values, old_values, returns, mask, cfg) -> (loss fp32 0-dim, stats fp32 [3])``; grad to values only."""
 
     @staticmethod
@@ -158,17 +120,7 @@ class ValueLossFunction(torch.autograd.Function):
         grad, part = value_loss_fwd(values, old_values, returns, mask, clip=cfg.clip, store_grad=store_grad)
         loss, w, _, total = reduce_partials(part, cfg.agg, cfg.normalizer)
         stats = (total[2:5] / total[0].clamp_min(1.0)).to(torch.float32)  # clip_frac, vpred_mean, error_mean
-        ctx.mark_non_differentiable(stats)
-        if store_grad:
-            ctx.save_for_backward(grad, w)
-        ctx.v_shape, ctx.v_dtype = values.shape, values.dtype
-        return loss, stats
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # a double backward raises instead of going wrong
-    def backward(ctx, grad_loss, grad_stats):
-        grad, w = ctx.saved_tensors
-        return weighted_grad(grad, w, grad_loss, ctx.v_shape, ctx.v_dtype), None, None, None, None
+        return WeightedLossFunction.finish(ctx, values, grad, w, loss, stats)
 
 
 def value_loss_triton(values, old_values, returns, mask, *, clip, agg, normalizer):
@@ -177,18 +129,10 @@ def value_loss_triton(values, old_values, returns, mask, *, clip, agg, normalize
     ``old_values``/``returns`` keep their dtype when it is ``values``' dtype or float32 (the compiled
     combinations); anything else is converted to float32 first (a copy).
     """
-    keep = (values.dtype, torch.float32)
-    old_values = old_values.detach()
-    returns = returns.detach()
-    if old_values.dtype not in keep:
-        old_values = old_values.float()
-    if returns.dtype not in keep:
-        returns = returns.float()
+    old_values, returns = kernel_inputs(values, old_values, returns)
     loss, stats = ValueLossFunction.apply(values, old_values, returns, mask, ValueLossConfig(clip, agg, normalizer))
     return loss, dict(zip(STAT_NAMES, stats.unbind()))
 
 
 # values fp32/bf16/fp16; old_values/returns in values' dtype or fp32; one block size.
-COMPILE_SPECS = loss_kernel_specs(
-    _value_loss_fwd_kernel, ("V", "OLD", "RET"), {"clip": "fp32", "has_clip": "i32", "store_grad": "i32"}
-)
+COMPILE_SPECS = loss_kernel_specs(_value_loss_fwd_kernel, ("V", "OLD", "RET"), {"clip": "fp32", "has_clip": "i32"})
