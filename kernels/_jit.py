@@ -78,6 +78,14 @@ class CompileSpec:
     tensor_cores: bool = False
 
 
+def launch_spec(kernel, signature: dict, launch: dict, label: str = "", **expect) -> CompileSpec:
+    """The spec of the launch ``kernel[grid](*args, **launch)``: ``launch`` holds the constexprs and
+    optionally ``num_warps``/``num_stages`` (Triton's defaults: 4, 3); ``expect``: the other fields."""
+    constexprs = dict(launch)
+    num_warps, num_stages = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3)
+    return CompileSpec(kernel, signature, constexprs, num_warps, num_stages, label, **expect)
+
+
 def streaming_spec(spec: CompileSpec, block: int, num_warps: int, dtype: str) -> CompileSpec:
     """The run-time specialization of an elementwise ``[rows, T]`` kernel on contiguous ``dtype``
     (``"fp32"``, ``"bf16"``, ``"fp16"``) inputs: unit column strides (``s_*_t``, constants 1), row

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastppo.kernels._jit import INTERPRET, CompileSpec, jit, on_device
+from fastppo.kernels._jit import INTERPRET, CompileSpec, jit, launch_spec, on_device
 from fastppo.kernels._lse import online_lse_finish, online_lse_step
 from fastppo.kernels._testing import NO_HOOKS, LaunchHooks, current_hooks
 from fastppo.kernels.linear_logprobs_bwd import _linear_dx_kernel, _linear_dz_kernel, _logits_tile, linear_backward
@@ -188,6 +188,10 @@ class Tiles:
     num_warps: int
     num_stages: int
 
+    def launch(self) -> dict:
+        """The launch's keyword arguments for this tile: the three block constexprs, warps and stages."""
+        return dataclasses.asdict(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearConfig:
@@ -337,11 +341,7 @@ def linear_forward(
             ENTROPY=entropy,
             ALIGNED=aligned,
             DOT_PRECISION=prec,
-            BLOCK_N=t.BLOCK_N,
-            BLOCK_V=t.BLOCK_V,
-            BLOCK_H=t.BLOCK_H,
-            num_warps=t.num_warps,
-            num_stages=t.num_stages,
+            **t.launch(),
         )
     with on_device(part):
         _linear_lse_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
@@ -523,16 +523,9 @@ def _specs() -> list[CompileSpec]:
                         (_linear_dz_kernel, dz_sig, cfg.dz),
                     ):
                         sig = {k: (v or f"*{dt}") for k, v in sig.items()}
+                        label = f"{tag} ent={int(ent)} bias={int(bias)} {t.BLOCK_N}x{t.BLOCK_V}x{t.BLOCK_H}"
                         specs.append(
-                            CompileSpec(
-                                kern,
-                                sig,
-                                dict(const, BLOCK_N=t.BLOCK_N, BLOCK_V=t.BLOCK_V, BLOCK_H=t.BLOCK_H),
-                                t.num_warps,
-                                t.num_stages,
-                                f"{tag} ent={int(ent)} bias={int(bias)} {t.BLOCK_N}x{t.BLOCK_V}x{t.BLOCK_H}",
-                                **_expect(dt, aligned, sig),
-                            )
+                            launch_spec(kern, sig, dict(const, **t.launch()), label, **_expect(dt, aligned, sig))
                         )
             t = cfg.dx
             # One chunk: FIRST and LAST, no halves. Several: 16-bit keeps the running sum in HI + LO.
@@ -551,24 +544,11 @@ def _specs() -> list[CompileSpec]:
                     "stride_dz": "i32",
                     "stride_wv": "i32",
                 }
+                const = dict(FIRST=first, LAST=last, USE_LO=use_lo, ALIGNED=aligned, DOT_PRECISION=prec)
+                label = f"{tag} first={int(first)} last={int(last)} {t.BLOCK_N}x{t.BLOCK_H}x{t.BLOCK_V}"
                 specs.append(
-                    CompileSpec(
-                        _linear_dx_kernel,
-                        dx_sig,
-                        dict(
-                            FIRST=first,
-                            LAST=last,
-                            USE_LO=use_lo,
-                            ALIGNED=aligned,
-                            DOT_PRECISION=prec,
-                            BLOCK_N=t.BLOCK_N,
-                            BLOCK_V=t.BLOCK_V,
-                            BLOCK_H=t.BLOCK_H,
-                        ),
-                        t.num_warps,
-                        t.num_stages,
-                        f"{tag} first={int(first)} last={int(last)} {t.BLOCK_N}x{t.BLOCK_H}x{t.BLOCK_V}",
-                        **_expect(dt, aligned, dx_sig),
+                    launch_spec(
+                        _linear_dx_kernel, dx_sig, dict(const, **t.launch()), label, **_expect(dt, aligned, dx_sig)
                     )
                 )
     for ent in (True, False):

@@ -358,11 +358,7 @@ def linear_backward(
                 ENTROPY=entropy,
                 ALIGNED=aligned,
                 DOT_PRECISION=prec,
-                BLOCK_N=tz.BLOCK_N,
-                BLOCK_V=tz.BLOCK_V,
-                BLOCK_H=tz.BLOCK_H,
-                num_warps=tz.num_warps,
-                num_stages=tz.num_stages,
+                **tz.launch(),
             )
             dz_c = dz[:, : v1 - v0]
             if dw is not None:
@@ -386,11 +382,7 @@ def linear_backward(
                     USE_LO=use_lo,
                     ALIGNED=aligned,
                     DOT_PRECISION=prec,
-                    BLOCK_N=tx.BLOCK_N,
-                    BLOCK_V=tx.BLOCK_V,
-                    BLOCK_H=tx.BLOCK_H,
-                    num_warps=tx.num_warps,
-                    num_stages=tx.num_stages,
+                    **tx.launch(),
                 )
     if need_h and dh is None:  # H == 0
         dh = torch.empty(N, 0, dtype=cd, device=dev)

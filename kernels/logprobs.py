@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from fastppo._layout import overlapping_rows, rows3d
-from fastppo.kernels._jit import CompileSpec, jit, on_device
+from fastppo.kernels._jit import CompileSpec, jit, launch_spec, on_device
 from fastppo.kernels._lse import online_lse_finish, online_lse_step
 from fastppo.kernels._testing import NO_HOOKS, LaunchHooks, current_hooks
 
@@ -172,6 +172,19 @@ def launch_config(V: int) -> dict:
 NUM_STAGES = 1  # a streaming reduction: no dot to pipeline, and shared-memory staging would only cost occupancy
 
 
+def _launch_args(N: int, V: int, entropy: bool) -> tuple[tuple, dict]:
+    """The grid over ``N`` rows of ``V`` and the launch's keyword arguments (constexprs, warps, stages)."""
+    cfg = launch_config(V)
+    kwargs = dict(
+        BLOCK_V=cfg["BLOCK_V"],
+        ROWS=cfg["ROWS"],
+        COMPUTE_ENTROPY=entropy,
+        num_warps=cfg["num_warps"],
+        num_stages=NUM_STAGES,
+    )
+    return (triton.cdiv(N, cfg["ROWS"]),), kwargs
+
+
 def logprobs_forward(
     x3: torch.Tensor,
     labels: torch.Tensor,
@@ -191,9 +204,8 @@ def logprobs_forward(
     lp = torch.empty(N, dtype=torch.float32, device=x3.device)
     stats = torch.empty(2, N, dtype=torch.float32, device=x3.device)
     ent = torch.empty(N, dtype=torch.float32, device=x3.device) if entropy else None
-    cfg = launch_config(V)
-    grid = (triton.cdiv(N, cfg["ROWS"]),)
-    hooks.note("fwd", **cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype)
+    grid, kwargs = _launch_args(N, V, entropy)
+    hooks.note("fwd", **kwargs, dtype=x3.dtype)
     with on_device(x3):
         _logprobs_fwd_kernel[grid](
             x3,
@@ -208,11 +220,7 @@ def logprobs_forward(
             V,
             inv_temp,
             ignore_index,
-            BLOCK_V=cfg["BLOCK_V"],
-            ROWS=cfg["ROWS"],
-            COMPUTE_ENTROPY=entropy,
-            num_warps=cfg["num_warps"],
-            num_stages=NUM_STAGES,
+            **kwargs,
         )
     return lp, ent, stats
 
@@ -228,9 +236,8 @@ def logprobs_backward(
     O, T, V = x3.shape
     N = O * T
     entropy = ent is not None
-    cfg = launch_config(V)
-    grid = (triton.cdiv(N, cfg["ROWS"]),)
-    hooks.note("bwd", **cfg, COMPUTE_ENTROPY=entropy, dtype=x3.dtype, inplace=out3.data_ptr() == x3.data_ptr())
+    grid, kwargs = _launch_args(N, V, entropy)
+    hooks.note("bwd", **kwargs, dtype=x3.dtype, inplace=out3.data_ptr() == x3.data_ptr())
     with on_device(x3):
         _logprobs_bwd_kernel[grid](
             x3,
@@ -249,11 +256,7 @@ def logprobs_backward(
             V,
             inv_temp,
             ignore_index,
-            BLOCK_V=cfg["BLOCK_V"],
-            ROWS=cfg["ROWS"],
-            COMPUTE_ENTROPY=entropy,
-            num_warps=cfg["num_warps"],
-            num_stages=NUM_STAGES,
+            **kwargs,
         )
 
 
@@ -316,10 +319,9 @@ def _specs() -> list[CompileSpec]:
     blocks = [MIN_BLOCK_V << k for k in range((MAX_BLOCK_V // MIN_BLOCK_V).bit_length())]
     for dt in ("fp32", "bf16", "fp16"):
         for block in blocks:
-            cfg = launch_config(block)
             for ent in (True, False):
-                const = {"BLOCK_V": block, "ROWS": cfg["ROWS"], "COMPUTE_ENTROPY": ent}
-                label = f"{dt} BLOCK_V={block} ROWS={cfg['ROWS']} ent={int(ent)}"
+                launch = _launch_args(1, block, ent)[1]
+                label = f"{dt} BLOCK_V={block} ROWS={launch['ROWS']} ent={int(ent)}"
                 fwd_sig = {
                     "X": f"*{dt}",
                     "Labels": "*i64",
@@ -354,25 +356,14 @@ def _specs() -> list[CompileSpec]:
                 }
                 # Each thread reads a contiguous run of the row: with aligned rows (V, strides multiples
                 # of 16) that must be one vector load, up to 16 bytes (8 bf16 / 4 fp32 values).
-                per_thread = block * cfg["ROWS"] // (32 * cfg["num_warps"])
+                per_thread = block * launch["ROWS"] // (32 * launch["num_warps"])
                 vector_bits = min(128, per_thread * (32 if dt == "fp32" else 16))
                 for kern, sig, div in (
                     (_logprobs_fwd_kernel, fwd_sig, ("stride_o", "stride_i", "V")),
                     (_logprobs_bwd_kernel, bwd_sig, ("stride_o", "stride_i", "dstride_o", "dstride_i", "V")),
                 ):
-                    specs.append(CompileSpec(kern, dict(sig), dict(const), cfg["num_warps"], NUM_STAGES, label))
-                    specs.append(
-                        CompileSpec(
-                            kern,
-                            dict(sig),
-                            dict(const),
-                            cfg["num_warps"],
-                            NUM_STAGES,
-                            label,
-                            divisible=div,
-                            min_load_bits=vector_bits,
-                        )
-                    )
+                    specs.append(launch_spec(kern, dict(sig), launch, label))
+                    specs.append(launch_spec(kern, dict(sig), launch, label, divisible=div, min_load_bits=vector_bits))
     return specs
 
 
