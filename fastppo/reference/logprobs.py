@@ -95,20 +95,22 @@ def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, ent
     return lp, stats, torch.where(valid, ent, zero)
 
 
-def _chunk_backward(z, labels, stats, ent, g_lp, g_ent, ignore_index: int, temperature: float):
-    """``dz / T`` for a chunk ``z [R, V]`` (already divided by T, owned: its memory is reused), with the
-    chunk's ``stats [2, R]`` from :func:`_chunk_forward`.
+def _chunk_backward(z, rows: slice, labels, stats, ent, g_lp, g_ent, ignore_index: int, temperature: float):
+    """``dz / T`` for the chunk ``z [R, V]`` of rows ``rows`` (already divided by T, owned: its memory is
+    reused). ``labels``, ``stats [2, N]`` (from :func:`_chunk_forward`), ``ent``, ``g_lp``, ``g_ent``
+    cover all N rows (``ent``/``g_ent`` None without the entropy term); the chunk's rows are taken here.
 
     ``dz = g_lp * onehot - p * (g_lp + g_ent * (log p + H))``, built in place in two ``[R, V]`` buffers.
     """
+    labels, stats, g_lp = labels[rows], stats[:, rows], g_lp[rows]
     valid = labels != ignore_index
     zero = z.new_zeros(())
     g_lp = torch.where(valid, g_lp, zero)[:, None]
     logp = z.sub_(stats[0][:, None]).sub_(stats[1][:, None])
     p = logp.exp()
     if g_ent is not None:
-        g_ent = torch.where(valid, g_ent, zero)[:, None]
-        coef = logp.clamp_(min=_LOGP_FLOOR).add_(ent[:, None]).mul_(g_ent).add_(g_lp)
+        g_ent = torch.where(valid, g_ent[rows], zero)[:, None]
+        coef = logp.clamp_(min=_LOGP_FLOOR).add_(ent[rows][:, None]).mul_(g_ent).add_(g_lp)
         dz = p.mul_(coef).neg_()
     else:
         dz = p.mul_(-g_lp)
@@ -171,17 +173,7 @@ class LogprobsEntropyTorch(torch.autograd.Function):
             _row_chunks(x3, chunk_rows(V, cd)), _row_chunks(out3, chunk_rows(V, cd))
         ):
             z = _load_chunk(view, temperature, cd)
-            gs = None if g_ent is None else g_ent[r0:r1]
-            dz = _chunk_backward(
-                z,
-                labels[r0:r1],
-                stats[:, r0:r1],
-                None if ent is None else ent[r0:r1],
-                g_lp[r0:r1],
-                gs,
-                ignore_index,
-                temperature,
-            )
+            dz = _chunk_backward(z, slice(r0, r1), labels, stats, ent, g_lp, g_ent, ignore_index, temperature)
             out.copy_(dz.view(out.shape))
         return grad, None, None, None, None, None
 
@@ -250,17 +242,7 @@ class LinearLogprobsEntropyTorch(torch.autograd.Function):
             r1 = min(N, r0 + step)
             h = hidden[r0:r1].to(cd)
             z = _linear_chunk(h, w, b, temperature)
-            gs = None if g_ent is None else g_ent[r0:r1]
-            dz = _chunk_backward(
-                z,
-                labels[r0:r1],
-                stats[:, r0:r1],
-                None if ent is None else ent[r0:r1],
-                g_lp[r0:r1],
-                gs,
-                ignore_index,
-                temperature,
-            )
+            dz = _chunk_backward(z, slice(r0, r1), labels, stats, ent, g_lp, g_ent, ignore_index, temperature)
             if dh is not None:
                 dh[r0:r1] = dz @ w
             if dw is not None:
