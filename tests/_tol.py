@@ -6,6 +6,7 @@ Also the layouts the kernel tests use and the device helpers for running the Tri
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastppo._backend import interpreting
@@ -46,6 +47,9 @@ def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "permute":  # leading dims that do not merge: reshape(-1, T) must copy
         return x.transpose(0, 1).contiguous().transpose(0, 1)
     raise ValueError(layout)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def kernel_device(backend: str = "triton") -> torch.device:

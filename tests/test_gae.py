@@ -9,10 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastppo
-from fastppo._backend import interpreting
 from fastppo.kernels import gae as gae_kernel
 from fastppo.reference import advantages as ref
-from tests._tol import assert_within_rule
+from tests._tol import assert_within_rule, kernel_device, requires_cuda
 
 BACKENDS = ("torch", "triton")
 GAMMA_LAM = [(1.0, 1.0), (0.99, 0.95), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.7)]
@@ -96,12 +95,11 @@ def make(B, T, *, dtype=torch.float32, p_valid=0.7, seed=0):
 def run(backend, r, v, m, **kw):
     """fastppo.gae on ``backend``; the Triton backend runs on the GPU when kernels are compiled
     (``FASTPPO_TEST_CUDA=1`` on a GPU machine), under the interpreter on CPU tensors otherwise."""
-    on_gpu = backend == "triton" and torch.cuda.is_available() and not interpreting()
-    if on_gpu:
-        r, v, m = (x.cuda() if isinstance(x, torch.Tensor) else x for x in (r, v, m))
+    dev = kernel_device(backend)
+    r, v, m = (x.to(dev) if isinstance(x, torch.Tensor) else x for x in (r, v, m))
     with fastppo.use_backend(backend):
         adv, ret = fastppo.gae(r, v, m, **kw)
-    return (adv.cpu(), ret.cpu()) if on_gpu else (adv, ret)
+    return adv.cpu(), ret.cpu()
 
 
 # ---------------------------------------------------------------- PyTorch path
@@ -207,7 +205,7 @@ def test_triton_long_row_odd_batch():
     torch.testing.assert_close(ret.double(), ret64, rtol=0, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_auto_uses_kernel(dtype):
     r, v, m = (x.cuda() for x in make(7, 3000, dtype=dtype))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import fastppo
 from fastppo.losses import KL_KINDS
 from tests._losses import LOW_PRECISION, check_bad_input
-from tests._tol import assert_within_rule, relayout, to_cpu, to_kernel_device
+from tests._tol import assert_within_rule, relayout, requires_cuda, to_cpu, to_kernel_device
 
 
 def loop_kl(lp, ref, kind, mask=None):
@@ -244,7 +244,7 @@ def test_bad_input(change, exc, match, backend):
     check_bad_input(fastppo.kl_penalty, args, change, exc, match, backend)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_mixed_cpu_cuda_inputs(backend):
     """A CPU mask with CUDA inputs is a ValueError naming the mask, on every backend."""

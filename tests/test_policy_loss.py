@@ -28,7 +28,7 @@ from tests._losses import (
     random_mask,
     run_loss,
 )
-from tests._tol import to_kernel_device
+from tests._tol import requires_cuda, to_kernel_device
 
 STATS = ("clip_frac", "clip_frac_lower", "approx_kl", "ratio_max", "ratio_min")
 
@@ -355,7 +355,7 @@ def test_bad_input(change, exc, match, backend):
     check_bad_input(fastppo.policy_loss, _good(), change, exc, match, backend)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_mixed_cpu_cuda_inputs(backend):
     """A CPU mask with CUDA inputs is a ValueError naming the mask, on every backend."""

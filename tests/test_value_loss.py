@@ -28,6 +28,7 @@ from tests._losses import (
     random_mask,
     run_loss,
 )
+from tests._tol import requires_cuda
 
 STATS = ("clip_frac", "vpred_mean", "error_mean")
 
@@ -248,7 +249,7 @@ def test_bad_input(change, exc, match, backend):
     check_bad_input(fastppo.value_loss, _good(), change, exc, match, backend)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_mixed_cpu_cuda_inputs(backend):
     """CPU returns with CUDA values are a ValueError naming the returns, on every backend."""
