@@ -11,10 +11,31 @@ from fastppo.advantages import gae, group_advantages, masked_mean, masked_whiten
 from fastppo.generation import GenerationOutput, Generator
 from fastppo.logprobs import linear_logprobs_and_entropy, logprobs_and_entropy
 from fastppo.losses import kl_penalty, policy_loss, value_loss
+from fastppo.trainer import (
+    AdaptiveKLController,
+    FixedKLController,
+    LogProbHead,
+    PPOConfig,
+    PPOTrainer,
+    Reference,
+    ValueModel,
+    completion_logprobs,
+    compute_advantages,
+    token_rewards,
+)
 
 __all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
     "GenerationOutput",
     "Generator",
+    "LogProbHead",
+    "PPOConfig",
+    "PPOTrainer",
+    "Reference",
+    "ValueModel",
+    "completion_logprobs",
+    "compute_advantages",
     "gae",
     "get_backend",
     "group_advantages",
@@ -24,6 +45,7 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "policy_loss",
+    "token_rewards",
     "use_backend",
     "value_loss",
 ]

@@ -1,6 +1,7 @@
 """The ``fastppo`` command line.
 
-fastppo demo [--iterations N] [--device cpu|cuda]   the default demo: a tiny PPO run, end to end
+fastppo train [--config FILE.yaml] [--FIELD VALUE ...]  PPO on a Hugging Face model (no --model: the tiny demo)
+fastppo demo [--iterations N] [--device cpu|cuda]   the tiny demo run, end to end
 fastppo bench NAME [ARGS...]                        run bench/bench_NAME.py
                                                     (gae, losses, logprobs, linear_logprobs, generate)
 fastppo compile-check [ARGS...]                     compile every kernel for sm_80/sm_90 (no GPU needed)
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="fastppo", description="fastppo: kernel-accelerated PPO core")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="PPO training (fastppo train --help lists every option)", add_help=False)
     sub.add_parser("demo", help="the default demo: a tiny PPO run, end to end", add_help=False)
     b = sub.add_parser("bench", help="run one benchmark script from bench/")
     b.add_argument("name")
@@ -85,6 +87,10 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device and backend")
     args, rest = p.parse_known_args(argv)
 
+    if args.cmd == "train":
+        from fastppo.trainer.cli import main as train_main
+
+        return train_main(rest)
     if args.cmd == "demo":
         from fastppo.demo import main as demo_main
 

@@ -1,0 +1,220 @@
+"""The models of a PPO step: the policy's log-prob head, the value model, the reference policy.
+
+Every log-prob goes through :func:`fastppo.linear_logprobs_and_entropy` on the last hidden states: the
+``[N, V]`` logits never exist. The output-embedding weight is read inside :meth:`LogProbHead.forward`,
+so a tied embedding, a PEFT-wrapped model or an FSDP2-sharded wrapper (shard the ``LogProbHead``) is
+seen as the module it really is at that moment.
+
+Layout of a batch (what :class:`fastppo.Generator` returns): ``input_ids [B, P + N]`` is a left-padded
+prompt of width ``P`` then the completion, ``attention_mask [B, P + N]`` marks real tokens. The hidden
+state at position ``t`` predicts token ``t + 1``, so the completion's tokens ``input_ids[:, P:]`` are
+scored by ``hidden[:, P - 1 : -1]``; a token's position id is the number of real tokens before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from fastppo._checks import check_int, check_mask, check_number
+from fastppo.logprobs import linear_logprobs_and_entropy
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, L]`` int64 of a left-padded batch: real tokens count 0, 1, ...; padding gets 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a Hugging Face model (what returns ``last_hidden_state``), also under PEFT."""
+    get = getattr(model, "get_decoder", None)
+    body = get() if get is not None else None
+    if body is None or body is model:
+        body = getattr(model, "base_model", None)
+        if body is None or body is model:
+            raise ValueError(f"cannot find the transformer body of {type(model).__name__} (no get_decoder/base_model)")
+    return body
+
+
+def hidden_states(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[B, L, H]`` of ``body`` on a left-padded batch (position ids from the mask)."""
+    out = body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def _check_batch(input_ids, attention_mask, prompt_length) -> torch.Tensor:
+    check_int("input_ids", input_ids)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [B, P + N], got {tuple(input_ids.shape)}")
+    mask = check_mask("attention_mask", attention_mask, input_ids.shape)
+    check_number("prompt_length", prompt_length, integer=True, ge=1, lt=input_ids.shape[1])
+    return mask
+
+
+class LogProbHead(nn.Module):
+    """Completion log-probs and entropy of a causal LM, from its hidden states.
+
+    ``LogProbHead(model)`` wraps a Hugging Face causal LM (``get_output_embeddings()`` is its lm_head).
+    ``forward(input_ids, attention_mask, prompt_length, *, completion_mask=None, temperature=1.0,
+    entropy=True)`` returns ``(logprobs, entropy)``, each ``[B, N]`` float32 with ``N = L - P``:
+    ``log_softmax(h @ W.T / temperature)`` of each completion token and the entropy of that
+    distribution, 0 where ``completion_mask`` is false; ``entropy`` is None with ``entropy=False``.
+    Differentiable with respect to the model's parameters.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        config = getattr(model, "config", None)
+        for name in ("final_logit_softcapping", "logit_scale"):
+            value = getattr(config, name, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(
+                    f"unsupported model {type(model).__name__}: {name}={value} changes the logits after the "
+                    "lm_head, which the fused log-prob kernel does not apply"
+                )
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_length: int,
+        *,
+        completion_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        entropy: bool = True,
+    ):
+        mask = _check_batch(input_ids, attention_mask, prompt_length)
+        P = int(prompt_length)
+        labels = input_ids[:, P:]
+        if completion_mask is not None:
+            labels = labels.masked_fill(~check_mask("completion_mask", completion_mask, labels.shape), -100)
+        hidden = hidden_states(decoder_of(self.model), input_ids, mask)[:, P - 1 : -1]
+        head = self.model.get_output_embeddings()  # read here, in the forward: tied, PEFT and FSDP2 weights
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if hidden.dtype != weight.dtype:  # autocast ran the body in bf16; the head follows it
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        return linear_logprobs_and_entropy(hidden, weight, labels, bias=bias, temperature=temperature, entropy=entropy)
+
+
+def completion_logprobs(model, output, prompt_mask: torch.Tensor, *, temperature: float = 1.0, entropy: bool = True):
+    """Log-probs and entropy ``[B, N]`` of the completions of a :class:`fastppo.GenerationOutput`.
+
+    ``model``: the Hugging Face causal LM that generated them (or its :class:`LogProbHead`);
+    ``prompt_mask [B, P]``: the attention mask of the left-padded prompts given to ``generate``;
+    ``temperature``: the sampling temperature. Does the slicing, the position ids and the masking in one
+    call; 0 on the padding after a row's end. Runs under the caller's grad mode (``torch.no_grad()`` for
+    old/reference log-probs, with grad in the PPO update).
+    """
+    head = model if isinstance(model, LogProbHead) else LogProbHead(model)
+    mask = torch.cat([prompt_mask.to(output.completion_mask.device).bool(), output.completion_mask], dim=1)
+    return head(
+        output.sequences,
+        mask,
+        output.prompt_length,
+        completion_mask=output.completion_mask,
+        temperature=temperature,
+        entropy=entropy,
+    )
+
+
+class ValueModel(nn.Module):
+    """Critic: a transformer body with a scalar head on every token (as TRL, OpenRLHF and verl).
+
+    ``forward(input_ids, attention_mask, prompt_length)`` returns the values ``[B, N]`` float32 of the
+    states before each completion token (``hidden[:, P - 1 : -1] @ w + b``, the state that chose the
+    token), aligned with :class:`LogProbHead`'s log-probs.
+
+    Construction: ``ValueModel(body, hidden_size)`` (head initialised to zero), or
+    :meth:`from_reward_model` (a copy of the reward model's body and of its score head: the first
+    values are the reward model's guess of the final score, OpenRLHF's choice) or :meth:`from_policy`
+    (a copy of the policy's body; zero head, so the first values are 0 and the first advantages are
+    the returns themselves).
+    """
+
+    def __init__(self, body: nn.Module, hidden_size: int, head: nn.Linear | None = None):
+        super().__init__()
+        self.body = body
+        p = next(body.parameters())
+        self.value_head = nn.Linear(hidden_size, 1, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            if head is None:
+                self.value_head.weight.zero_()
+            else:
+                self.value_head.weight.copy_(head.weight[:1])
+            self.value_head.bias.zero_()
+            if head is not None and head.bias is not None:
+                self.value_head.bias.copy_(head.bias[:1])
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> ValueModel:
+        return cls(copy.deepcopy(decoder_of(policy)), _hidden_size(policy))
+
+    @classmethod
+    def from_reward_model(cls, reward_model: nn.Module) -> ValueModel:
+        head = getattr(reward_model, "score", None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"cannot initialise a critic from {type(reward_model).__name__}: no linear `score` head "
+                "(use critic_init='policy')"
+            )
+        return cls(copy.deepcopy(decoder_of(reward_model)), _hidden_size(reward_model), head)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        mask = _check_batch(input_ids, attention_mask, prompt_length)
+        P = int(prompt_length)
+        hidden = hidden_states(self.body, input_ids, mask)[:, P - 1 : -1]
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+
+def _hidden_size(model) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.hidden_size
+
+
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a PEFT model with adapters that can be switched off (``disable_adapter()``)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class Reference:
+    """The frozen reference policy of the KL penalty.
+
+    ``Reference(policy, ref_model=None)``: ``ref_model`` when given (frozen here); else, for a PEFT
+    policy, the policy itself with its adapters disabled (no second copy of the weights); else a frozen
+    deep copy of the policy as it is now. ``logprobs(input_ids, attention_mask, prompt_length, ...)``
+    gives ``[B, N]`` float32 without gradient, as :class:`LogProbHead`.
+    """
+
+    def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None):
+        self._adapters_off = None
+        if ref_model is not None:
+            model = ref_model
+        elif is_peft_model(policy):
+            model, self._adapters_off = policy, policy.disable_adapter
+        else:
+            model = copy.deepcopy(policy)
+        if model is not policy:
+            model.requires_grad_(False).eval()
+        self.model = model
+        self.head = LogProbHead(model)
+
+    @torch.no_grad()
+    def logprobs(self, input_ids, attention_mask, prompt_length, *, completion_mask=None, temperature=1.0):
+        off = self._adapters_off() if self._adapters_off is not None else contextlib.nullcontext()
+        with off:
+            lp, _ = self.head(
+                input_ids,
+                attention_mask,
+                prompt_length,
+                completion_mask=completion_mask,
+                temperature=temperature,
+                entropy=False,
+            )
+        return lp

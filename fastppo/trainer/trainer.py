@@ -1,0 +1,504 @@
+"""``PPOTrainer``: the training loop, in named stages (cleanrl's ``ppo.py`` is the model).
+
+    trainer = fastppo.PPOTrainer(config, policy, tokenizer, reward, train_prompts=..., eval_prompts=...)
+    trainer.train()        # evaluate, then max_steps x (rollout, score, prepare, update, log), evaluate, save
+
+Each :meth:`PPOTrainer.step`:
+
+1. **rollout**: the next ``rollout_batch_size`` prompts, ``samples_per_prompt`` completions each,
+   sampled by :class:`fastppo.Generator`;
+2. **score**: the reward function or reward model scores each completion; shaping (missing-EOS penalty,
+   running normalization, clipping);
+3. **prepare**: old-policy log-probs and entropy, reference log-probs, critic values (no grad); the
+   per-token KL; token rewards; advantages (gae / grpo / rloo); the KL controller's update;
+4. **update**: PPO epochs over mini-batches and micro-batches (:func:`ppo_update`);
+5. **log**: :meth:`_end_step`, the one place where a step ends: ``metrics.jsonl``, console, evaluation,
+   callbacks (where checkpointing hooks in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import random
+import time
+import warnings
+
+import torch
+
+from fastppo.advantages import masked_mean
+from fastppo.generation import Generator
+from fastppo.losses import kl_penalty
+from fastppo.trainer.config import PPOConfig
+from fastppo.trainer.data import PromptSampler, read_prompts, tokenize_prompts
+from fastppo.trainer.experience import (
+    AdaptiveKLController,
+    Experience,
+    FixedKLController,
+    compute_advantages,
+    explained_variance,
+    rollout,
+    token_rewards,
+)
+from fastppo.trainer.loading import (
+    build_critic,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    make_reward,
+    max_positions,
+    model_config,
+    resolve_device,
+)
+from fastppo.trainer.metrics import NAMES, Mean, peak_memory_mb, pearson
+from fastppo.trainer.models import LogProbHead, Reference
+from fastppo.trainer.output import RunOutput
+from fastppo.trainer.rewards import RewardError, RewardModel, RewardShaper
+from fastppo.trainer.update import Learner, NonFiniteError, make_optimizer, make_scheduler, ppo_update
+
+
+class PPOTrainer:
+    """PPO (or GRPO / RLOO) on a Hugging Face causal LM.
+
+    Args:
+        config: a :class:`PPOConfig` (validated here).
+        policy: the causal LM, or a local folder for ``AutoModelForCausalLM.from_pretrained``.
+        tokenizer: its tokenizer or folder (None: the policy's folder).
+        reward: a callable ``(prompts, completions, **columns) -> scores``, ``"module:function"``, an
+            ``AutoModelForSequenceClassification`` (``num_labels=1``) or its folder.
+        critic: the value model (None: built per ``critic_init`` when ``advantage == "gae"``).
+        ref_model: the reference policy (None: a frozen copy of the policy, or its adapters disabled under PEFT).
+        train_prompts, eval_prompts: a .jsonl / .txt path, a list of strings or a list of dicts.
+        reward_tokenizer: the reward model's tokenizer or folder (None: its folder's, else the policy's).
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig | None,
+        policy,
+        tokenizer,
+        reward,
+        *,
+        critic=None,
+        ref_model=None,
+        train_prompts,
+        eval_prompts=None,
+        reward_tokenizer=None,
+    ):
+        self.config = config = (config if config is not None else PPOConfig()).validate()
+        mc, r = config.model, config.rollout
+        self.device = resolve_device(mc.device)
+        self.tokenizer = load_tokenizer(tokenizer, policy if isinstance(policy, (str, pathlib.Path)) else None)
+        self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
+        # data and lengths first: a prompt too long fails before any weight loads
+        self.train_data = self._dataset(train_prompts)
+        self.eval_data = self._dataset(eval_prompts) if eval_prompts is not None else None
+        limit = config.data.max_prompt_length or max(
+            d.max_length for d in (self.train_data, self.eval_data) if d is not None
+        )
+        positions = max_positions(model_config(policy, mc))
+        if positions is not None and limit + r.max_new_tokens > positions:
+            raise ValueError(
+                f"max_prompt_length {limit} + max_new_tokens {r.max_new_tokens} = {limit + r.max_new_tokens} "
+                f"exceeds the model's max_position_embeddings={positions}"
+            )
+        self.policy = load_causal_lm(policy, mc, self.device)
+        disable_dropout(self.policy)
+        if mc.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.head = LogProbHead(self.policy)
+        self.reward = make_reward(
+            reward, self.tokenizer, mc, config.reward, self.device, reward_tokenizer=reward_tokenizer
+        )
+        self.shaper = RewardShaper(
+            clip=config.reward.reward_clip,
+            missing_eos_penalty=config.reward.missing_eos_penalty,
+            normalize=config.reward.normalize_reward,
+        )
+        k = config.kl
+        self.reference = Reference(self.policy, ref_model) if (k.kl_coef > 0 or ref_model is not None) else None
+        self.kl_controller = (
+            AdaptiveKLController(k.kl_coef, k.kl_target, k.kl_horizon)
+            if k.adaptive_kl
+            else FixedKLController(k.kl_coef)
+        )
+        self.critic = None
+        if config.ppo.advantage == "gae":
+            self.critic = build_critic(critic, self.policy, self.reward, config, self.device)
+            disable_dropout(self.critic)
+        self.learner = self._learner()
+        self.stop_ids = None if r.ignore_eos else self._stop_ids()
+        self.generator = Generator(
+            self.policy,
+            max_batch_size=r.generation_batch_size or config.batch_size,
+            max_length=limit + r.max_new_tokens,
+            cuda_graphs="auto" if r.cuda_graphs is None else r.cuda_graphs,
+        )
+        seed = config.run.seed
+        self.sampler = PromptSampler(len(self.train_data), r.rollout_batch_size, seed=seed, shuffle=config.data.shuffle)
+        self.sample_rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.update_rng = torch.Generator().manual_seed(seed + 1)
+        self.step_count = 0
+        self.history: list = []
+        self.callbacks: list = []  # called as fn(trainer, metrics) at the end of every step
+        self.should_stop = False  # set it (a signal handler, a callback) to end train() after this step
+        self._kl_warned = False
+        self.output = None
+
+    @classmethod
+    def from_config(cls, config: PPOConfig) -> PPOTrainer:
+        """A trainer from the paths of a config (what ``fastppo train`` runs)."""
+        m, d = config.model, config.data
+        reward = m.reward_model if m.reward_model is not None else m.reward_fn
+        return cls(config, m.model, m.tokenizer, reward, train_prompts=d.prompts, eval_prompts=d.eval_prompts)
+
+    # ---------------------------------------------------------------------------------------------
+    # setup helpers
+    # ---------------------------------------------------------------------------------------------
+    def _dataset(self, source):
+        d = self.config.data
+        prompts, columns = read_prompts(source, column=d.prompt_column)
+        return tokenize_prompts(
+            prompts, columns, self.tokenizer, max_length=d.max_prompt_length, truncate=d.truncate_prompts
+        )
+
+    def _stop_ids(self) -> list:
+        ids = [self.tokenizer.eos_token_id]
+        gen_eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
+        ids += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+        ids += list(self.config.rollout.stop_token_ids)
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def _learner(self) -> Learner:
+        c, p = self.config, self.config.ppo
+        updates = c.run.max_steps * p.ppo_epochs * p.num_minibatches
+
+        def pair(model, lr):
+            opt = make_optimizer(model.parameters(), lr, p)
+            return opt, make_scheduler(opt, kind=p.lr_scheduler, warmup_steps=p.lr_warmup_steps, total_steps=updates)
+
+        learner = Learner(self.head, *pair(self.policy, p.learning_rate))
+        if self.critic is not None:
+            learner.critic = self.critic
+            learner.critic_optimizer, learner.critic_scheduler = pair(self.critic, c.critic.critic_learning_rate)
+        return learner
+
+    def _autocast(self):
+        mode = self.config.model.mixed_precision
+        bf16 = self.device.type == "cuda" and (mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()))
+        if bf16:
+            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    # ---------------------------------------------------------------------------------------------
+    # the loop
+    # ---------------------------------------------------------------------------------------------
+    def train(self) -> list:
+        """Evaluate, run ``max_steps`` steps, evaluate, save; returns the metrics of every step."""
+        cfg = self.config.run
+        self.output = RunOutput(cfg, self.config, resume=self.step_count > 0)
+        try:
+            if self.step_count == 0:
+                self.evaluate()
+            last_eval = self.step_count
+            while self.step_count < cfg.max_steps and not self.should_stop:
+                metrics = self.step()
+                if self._end_step(metrics):
+                    last_eval = self.step_count
+            if last_eval != self.step_count:
+                self.evaluate()
+            if cfg.save_final:
+                self.save(pathlib.Path(cfg.output_dir) / "final")
+        finally:
+            self.output.close()
+        return self.history
+
+    def step(self) -> dict:
+        """One rollout batch and its PPO update; returns the step's metrics (see fastppo.trainer.metrics)."""
+        times, t0 = {}, time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with _timer(times, "rollout", self.device):
+            roll = self._rollout(
+                self.sampler.next(), self.sample_rng, do_sample=True, samples=self.config.rollout.samples_per_prompt
+            )
+        with _timer(times, "score", self.device):
+            scores, components = self._score(roll)
+        with _timer(times, "prepare", self.device):
+            exp, info = self._prepare(roll, scores)
+        with _timer(times, "train", self.device):
+            meter = self._update(exp, info["kl_coef"])
+        times["step"] = time.perf_counter() - t0
+        self.step_count += 1
+        return self._metrics(roll, scores, components, exp, info, meter, times)
+
+    def _rollout(self, indices, rng, *, do_sample, samples, data=None):
+        r = self.config.rollout
+        sampling = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+        with torch.no_grad(), self._autocast()():
+            return rollout(
+                self.generator,
+                self.tokenizer,
+                data or self.train_data,
+                indices,
+                samples_per_prompt=samples,
+                stop_ids=self.stop_ids,
+                pad_id=self.pad_id,
+                rng=rng,
+                do_sample=do_sample,
+                **sampling,
+            )
+
+    def _score(self, roll, data=None):
+        """``(scores [B] float32 CPU, {component: [B]})`` of a rollout."""
+        if isinstance(self.reward, RewardModel):
+            data = data or self.train_data
+            texts = [p + c for p, c in zip(roll.prompts, roll.completions)]
+            ids = [data.ids[i] + c for i, c in zip(roll.prompt_index, roll.completion_ids)]
+            scores, components = self.reward(texts, ids), {}
+            if not bool(torch.isfinite(scores).all()):
+                i = int((~torch.isfinite(scores)).nonzero()[0])
+                raise RewardError(f"the reward model returned {scores[i].item()} for text {texts[i]!r}")
+            return scores, components
+        return self.reward(roll.prompts, roll.completions, roll.columns)
+
+    @torch.no_grad()
+    def _prepare(self, roll, scores):
+        cfg = self.config
+        shaped = self.shaper(scores, roll.ended.cpu()).to(self.device)
+        seq, attn, cmask, P = roll.sequences, roll.attention_mask, roll.completion_mask, roll.prompt_length
+        n = cfg.ppo.micro_batch_size or len(seq)
+        lp, ent, ref, values = [], [], [], []
+        with self._autocast()():
+            for i in range(0, len(seq), n):
+                args = (seq[i : i + n], attn[i : i + n], P)
+                m = cmask[i : i + n]
+                a, b = self.head(*args, completion_mask=m, temperature=cfg.rollout.temperature)
+                lp.append(a), ent.append(b)
+                if self.reference is not None:
+                    ref.append(self.reference.logprobs(*args, completion_mask=m, temperature=cfg.rollout.temperature))
+                if self.critic is not None:
+                    values.append(self.critic(*args))
+        lp, ent = torch.cat(lp), torch.cat(ent)
+        ref = torch.cat(ref) if ref else None
+        values = torch.cat(values) if values else None
+        kl = kl_penalty(lp, ref, kind=cfg.kl.kl_estimator, mask=cmask) if ref is not None else None
+        coef = self.kl_controller.value
+        in_reward = kl if cfg.kl.kl_mode == "reward" else None
+        rewards = token_rewards(shaped, cmask, in_reward, coef)
+        adv, returns = compute_advantages(
+            cfg.ppo.advantage,
+            rewards,
+            cmask,
+            values=values,
+            gamma=cfg.ppo.gamma,
+            lam=cfg.ppo.lam,
+            group_size=cfg.rollout.samples_per_prompt,
+            whiten=cfg.whiten,
+        )
+        kl_mean = masked_mean(kl, cmask) if kl is not None else torch.zeros((), device=self.device)
+        info = dict(rewards=rewards, entropy=masked_mean(ent, cmask), kl=kl_mean, kl_coef=coef, logprobs=lp)
+        self.kl_controller.update(float(kl_mean), len(seq))
+        exp = Experience(seq, attn, cmask, P, lp, adv, ref_logprobs=ref, values=values, returns=returns)
+        return exp, info
+
+    def _update(self, exp, kl_coef: float) -> Mean:
+        meter = Mean(self.device)
+        warm = self.step_count < self.config.critic.critic_warmup_steps
+        meter.add("lr", self.learner.policy_optimizer.param_groups[0]["lr"])
+        if self.learner.critic_optimizer is not None:
+            meter.add("critic_lr", self.learner.critic_optimizer.param_groups[0]["lr"])
+        self.policy.train(), self.critic is not None and self.critic.train()
+        try:
+            ppo_update(
+                exp,
+                self.learner,
+                self.config,
+                rng=self.update_rng,
+                meter=meter,
+                step=self.step_count,
+                train_policy=not warm,
+                kl_coef=kl_coef,
+                autocast=self._autocast(),
+            )
+        finally:
+            self.policy.eval(), self.critic is not None and self.critic.eval()
+        return meter
+
+    def _metrics(self, roll, scores, components, exp, info, meter, times) -> dict:
+        cmask = roll.completion_mask
+        lengths = cmask.sum(-1).float()
+        seq_reward = info["rewards"].sum(-1)
+        diff = masked_mean((roll.rollout_logprobs - info["logprobs"]).abs(), cmask)
+        device_values = torch.stack(
+            [
+                seq_reward.mean(),
+                seq_reward.std() if len(seq_reward) > 1 else seq_reward.sum() * 0,
+                info["kl"],
+                info["entropy"],
+                lengths.mean(),
+                (~roll.ended).float().mean(),
+                diff,
+                lengths.sum(),
+            ]
+        ).tolist()
+        names = (
+            "reward_mean",
+            "reward_std",
+            "kl",
+            "entropy",
+            "response_length_mean",
+            "truncated_rate",
+            "rollout_logprob_diff",
+            "tokens",
+        )
+        out = {"step": self.step_count, **dict(zip(names, device_values))}
+        out.update(
+            score_mean=scores.mean().item(),
+            score_std=scores.std().item() if len(scores) > 1 else 0.0,
+            kl_coef=info["kl_coef"],
+            reward_length_corr=pearson(scores, lengths.cpu()),
+            explained_variance=(
+                explained_variance(exp.values, exp.returns, cmask) if exp.values is not None else float("nan")
+            ),
+        )
+        defaults = dict.fromkeys(
+            [
+                "policy_loss",
+                "value_loss",
+                "clip_frac",
+                "approx_kl",
+                "ratio_max",
+                "value_clip_frac",
+                "grad_norm",
+                "critic_grad_norm",
+                "critic_lr",
+            ],
+            0.0,
+        )
+        out.update({**defaults, **meter.result()})
+        tokens = out.pop("tokens")
+        out.update({f"time_{k}_s": v for k, v in times.items()})
+        out["tokens_per_s"] = tokens / times["step"] if times["step"] > 0 else 0.0
+        out["peak_mem_mb"] = peak_memory_mb(self.device)
+        ordered = {k: out[k] for k in NAMES}
+        ordered.update({f"reward/{k}": v.mean().item() for k, v in components.items()})
+        return ordered
+
+    def _end_step(self, metrics: dict) -> bool:
+        """The one place where a step ends: check, record, show, evaluate, run the callbacks.
+        Returns whether it evaluated."""
+        for name in ("reward_mean", "policy_loss", "value_loss", "grad_norm"):
+            if not (metrics[name] == metrics[name] and abs(metrics[name]) != float("inf")):
+                raise NonFiniteError(f"step {metrics['step']}: {name} is {metrics[name]}; stopping the run")
+        self.history.append(metrics)
+        self.output.step(metrics)
+        budget = self.config.kl.kl_budget
+        if budget is not None and metrics["kl"] > budget and not self._kl_warned:
+            self._kl_warned = True
+            msg = (
+                f"step {metrics['step']}: kl {metrics['kl']:.4f} per token passed kl_budget={budget}: the policy "
+                "is far from the reference; check samples for reward hacking (or raise kl_coef)"
+            )
+            warnings.warn(msg, stacklevel=2)
+        every = self.config.run.eval_every
+        evaluated = bool(every) and metrics["step"] % every == 0 and metrics["step"] < self.config.run.max_steps
+        if evaluated:
+            self.evaluate()
+        for callback in self.callbacks:
+            callback(self, metrics)
+        return evaluated
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Complete every eval prompt once (greedy with ``eval_greedy``, else sampled from a fixed seed, so
+        evaluations compare) and score it; writes ``eval.jsonl`` and ``samples.jsonl`` when training.
+        Returns ``{"step", "eval_reward_mean", "eval_reward_std", "eval_response_length_mean", ...}``
+        (``eval_reward_mean``: the raw score, before shaping and KL); ``{}`` without eval prompts."""
+        data = self.eval_data
+        if data is None:
+            return {}
+        rng = torch.Generator(device=self.device).manual_seed(self.config.run.seed + 1_000_003)
+        width = self.generator.max_batch_size
+        scores, lengths, samples, parts = [], [], [], {}
+        for i in range(0, len(data), width):
+            roll = self._rollout(
+                list(range(i, min(i + width, len(data)))),
+                rng,
+                do_sample=not self.config.run.eval_greedy,
+                samples=1,
+                data=data,
+            )
+            s, comps = self._score(roll, data)
+            scores.append(s), lengths.append(roll.completion_mask.sum(-1).float().cpu())
+            for k, v in comps.items():
+                parts.setdefault(k, []).append(v)
+            samples += [
+                {"step": self.step_count, "prompt": p, "completion": c, "reward": float(x)}
+                for p, c, x in zip(roll.prompts, roll.completions, s.tolist())
+            ]
+        scores, lengths = torch.cat(scores), torch.cat(lengths)
+        record = {
+            "step": self.step_count,
+            "eval_reward_mean": scores.mean().item(),
+            "eval_reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "eval_response_length_mean": lengths.mean().item(),
+            **{f"eval_reward/{k}": torch.cat(v).mean().item() for k, v in parts.items()},
+        }
+        if self.output is not None:
+            self.output.evaluation(record, samples)
+        return record
+
+    def save(self, path) -> pathlib.Path:
+        """The policy and its tokenizer as a ``save_pretrained`` folder (``from_pretrained`` loads it;
+        a PEFT policy saves its adapters)."""
+        path = pathlib.Path(path)
+        self.policy.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    # ---------------------------------------------------------------------------------------------
+    # state (what a checkpoint holds besides the weights, optimizers and schedulers of self.learner)
+    # ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Step, data position, every RNG, the KL controller and the reward normalizer: with
+        ``self.learner``'s modules, optimizers and schedulers, what a resumed run needs."""
+        return {
+            "step": self.step_count,
+            "sampler": self.sampler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "reward_shaper": self.shaper.state_dict(),
+            "kl_warned": self._kl_warned,
+            "rng": {
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "sample": self.sample_rng.get_state(),
+                "update": self.update_rng.get_state(),
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.shaper.load_state_dict(state["reward_shaper"])
+        self._kl_warned = bool(state.get("kl_warned", False))
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.sample_rng.set_state(rng["sample"])
+        self.update_rng.set_state(rng["update"])
+
+
+@contextlib.contextmanager
+def _timer(times: dict, name: str, device: torch.device):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":  # the stage's kernels are in its time, not the next one's
+            torch.cuda.synchronize(device)
+        times[name] = time.perf_counter() - t0

@@ -1,0 +1,203 @@
+"""The PPO update: epochs x mini-batches (one optimizer step each) x micro-batches (gradient accumulation).
+
+Each micro-batch's losses are divided by the *mini-batch's* count (valid tokens for ``token-mean``,
+sequences for the seq modes: the ``normalizer`` of :func:`fastppo.policy_loss`), so the accumulated
+gradient is that of the whole mini-batch whatever the micro-batch size. Policy and critic have their
+own AdamW, learning rate and gradient clipping; during the critic's warm-up only the critic steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastppo.losses import kl_penalty, policy_loss, value_loss
+from fastppo.reference.common import masked_sum
+from fastppo.trainer.metrics import Mean
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, reward or gradient became NaN or infinite: the run stops, naming the step and the quantity."""
+
+
+def make_optimizer(params, lr: float, ppo) -> torch.optim.AdamW:
+    """AdamW over ``params`` with the betas, eps and weight decay of ``ppo`` (a :class:`PPOAlgoConfig`)."""
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=lr,
+        betas=(ppo.adam_beta1, ppo.adam_beta2),
+        eps=ppo.adam_eps,
+        weight_decay=ppo.weight_decay,
+    )
+
+
+def make_scheduler(optimizer, *, kind: str, warmup_steps: int, total_steps: int):
+    """Per optimizer step: linear warm-up ``(s + 1) / warmup_steps``, then constant or linear decay to 0."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if kind == "linear":
+            return max(0.0, (total_steps - s) / max(1, total_steps - warmup_steps))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Learner:
+    """What the update trains: the policy's :class:`LogProbHead` and optional critic, with their
+    optimizers and schedulers (the checkpoint saves these)."""
+
+    policy: torch.nn.Module
+    policy_optimizer: torch.optim.Optimizer
+    policy_scheduler: object
+    critic: torch.nn.Module | None = None
+    critic_optimizer: torch.optim.Optimizer | None = None
+    critic_scheduler: object = None
+
+
+def normalizer(completion_mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """The mini-batch count the losses are divided by: valid tokens (``token-mean``) or sequences with a
+    valid token (seq modes), at least 1."""
+    m = completion_mask.bool()
+    count = m.sum() if agg == "token-mean" else m.any(-1).sum()
+    return count.clamp_min(1).float()
+
+
+def ppo_update(
+    exp,
+    learner: Learner,
+    config,
+    *,
+    rng: torch.Generator,
+    meter: Mean,
+    step: int = 0,
+    train_policy: bool = True,
+    kl_coef: float = 0.0,
+    autocast=contextlib.nullcontext,
+) -> None:
+    """Run ``ppo_epochs`` passes over the :class:`Experience` ``exp``; metrics go into ``meter``.
+
+    ``config``: the :class:`PPOConfig`; ``rng``: the CPU generator of the mini-batch permutations;
+    ``train_policy``: False during the critic warm-up; ``kl_coef``: the weight of the KL loss term when
+    ``kl_mode == "loss"``; ``autocast``: a context factory around the forwards (bf16 on CUDA).
+    """
+    p, B = config.ppo, len(exp)
+    mb, micro = config.minibatch_size, config.ppo.micro_batch_size or config.minibatch_size
+    device = exp.sequences.device
+    for epoch in range(p.ppo_epochs):
+        perm = torch.randperm(B, generator=rng).to(device)
+        for k, start in enumerate(range(0, B, mb)):
+            rows = perm[start : start + mb]
+            mask = exp.completion_mask[rows]
+            norm, n_tok = normalizer(mask, p.loss_agg), normalizer(mask, "token-mean")
+            sums = torch.zeros(3, device=device)  # policy loss, value loss, approx_kl token-sum
+            for opt in (learner.policy_optimizer, learner.critic_optimizer):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            for i in range(0, mb, micro):
+                part = exp.select(rows[i : i + micro])
+                sums += _micro_step(part, learner, config, norm, n_tok, meter, train_policy, kl_coef, autocast)
+            norms = _clip_gradients(learner, p.max_grad_norm, train_policy)
+            # checked before the optimizers step: a non-finite loss or gradient never reaches the weights
+            _check_finite(step, epoch, k, {"policy_loss": sums[0], "value_loss": sums[1], **norms})
+            _step_optimizers(learner, train_policy)
+            for name, value in norms.items():
+                meter.add(name, value)
+            if p.target_kl is not None and float(sums[2] / n_tok) > p.target_kl:
+                return
+
+
+def _micro_step(part, learner, config, norm, n_tok, meter, train_policy, kl_coef, autocast) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its [policy loss, value loss, approx_kl] token-sums."""
+    p, out = config.ppo, torch.zeros(3, device=part.sequences.device)
+    m = part.completion_mask
+    n = m.sum().float()
+    if train_policy:
+        with autocast():
+            lp, ent = learner.policy(
+                part.sequences,
+                part.attention_mask,
+                part.prompt_length,
+                completion_mask=m,
+                temperature=config.rollout.temperature,
+                entropy=p.ent_coef > 0,
+            )
+        pg, st = policy_loss(
+            lp,
+            part.logprobs,
+            part.advantages,
+            m,
+            clip_low=p.clip_low,
+            clip_high=p.clip_high,
+            dual_clip=p.dual_clip,
+            agg=p.loss_agg,
+            normalizer=norm,
+        )
+        loss = pg
+        if p.ent_coef > 0:
+            loss = loss - p.ent_coef * masked_sum(ent, m) / n_tok
+        if config.kl.kl_mode == "loss" and part.ref_logprobs is not None and kl_coef > 0:
+            kl = kl_penalty(lp, part.ref_logprobs, kind=config.kl.kl_estimator, mask=m)
+            loss = loss + kl_coef * masked_sum(kl, m) / n_tok
+        loss.backward()
+        meter.add_sum("policy_loss", pg.detach() * norm, _count(m, p.loss_agg))
+        for name in ("clip_frac", "approx_kl"):
+            meter.add(name, st[name], n)
+        meter.max("ratio_max", st["ratio_max"])
+        out[0], out[2] = pg.detach() * norm, st["approx_kl"] * n
+    if learner.critic is not None:
+        with autocast():
+            values = learner.critic(part.sequences, part.attention_mask, part.prompt_length)
+        vl, vst = value_loss(
+            values, part.values, part.returns, m, clip=config.critic.vf_clip, agg=p.loss_agg, normalizer=norm
+        )
+        (config.critic.vf_coef * vl).backward()
+        meter.add_sum("value_loss", vl.detach() * norm, _count(m, p.loss_agg))
+        meter.add("value_clip_frac", vst["clip_frac"], n)
+        out[1] = vl.detach() * norm
+    return out
+
+
+def _count(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    m = mask.bool()
+    return (m.sum() if agg == "token-mean" else m.any(-1).sum()).float()
+
+
+def _pairs(learner: Learner, train_policy: bool):
+    """(metric name, optimizer, scheduler) of each model that steps now."""
+    out = []
+    if train_policy:
+        out.append(("grad_norm", learner.policy_optimizer, learner.policy_scheduler))
+    if learner.critic is not None and learner.critic_optimizer is not None:
+        out.append(("critic_grad_norm", learner.critic_optimizer, learner.critic_scheduler))
+    return out
+
+
+def _clip_gradients(learner: Learner, max_norm, train_policy: bool) -> dict:
+    """Clip each model's gradient to ``max_norm`` (None: no clipping); ``{metric: norm before clipping}``."""
+    max_norm = math.inf if max_norm is None else max_norm
+    return {
+        name: torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], max_norm)
+        for name, opt, _ in _pairs(learner, train_policy)
+    }
+
+
+def _step_optimizers(learner: Learner, train_policy: bool) -> None:
+    for _, opt, sched in _pairs(learner, train_policy):
+        opt.step()
+        sched.step()
+
+
+def _check_finite(step: int, epoch: int, minibatch: int, values: dict) -> None:
+    """One host read for all ``values`` (0-dim tensors); raise :class:`NonFiniteError` naming the first bad one."""
+    flat = torch.stack([torch.as_tensor(v).reshape(()).float() for v in values.values()]).cpu().tolist()
+    for name, v in zip(values, flat):
+        if not math.isfinite(v):
+            raise NonFiniteError(
+                f"step {step + 1}, epoch {epoch + 1}, mini-batch {minibatch + 1}: {name} is {v}; stopping the run"
+            )
