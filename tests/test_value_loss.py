@@ -160,9 +160,9 @@ def test_all_masked_batch(backend, agg):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_clip_frac_is_zero_when_nothing_is_clipped(backend):
-    """Regression: ``old + clamp(v - old, -c, c)`` is not exactly ``v`` in float32, so with a clip
-    nothing reaches the clipped error was larger by rounding alone for 11.6 % of these tokens, which
-    counted as clipped (verl and TRL, which clamp ``v`` itself, give 0)."""
+    """With a clip nothing reaches, no token is clipped: ``old + clamp(v - old, -c, c)`` is not exactly
+    ``v`` in float32, and a clipped error larger by rounding alone would count 11.6 % of these tokens
+    (verl and TRL clamp ``v`` itself and give 0)."""
     torch.manual_seed(0)
     old, v, ret = torch.randn(3, 1, 1000)
     mask = torch.ones(1, 1000, dtype=torch.bool)
