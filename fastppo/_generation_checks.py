@@ -77,7 +77,17 @@ def check_token(name: str, value, vocab: int) -> int:
     return check_number(name, value, integer=True, ge=0, lt=vocab)
 
 
-def check_eos(eos_token_id, vocab: int) -> list[int]:
+class _FromModel:
+    """The type of :data:`FROM_MODEL`."""
+
+    def __repr__(self) -> str:
+        return "FROM_MODEL"
+
+
+FROM_MODEL = _FromModel()  # default of eos_token_id/pad_token_id: the model's generation_config value
+
+
+def check_eos(name: str, eos_token_id, vocab: int) -> list[int]:
     """``None`` (no stop token), one id or a list/tuple of at most :data:`MAX_EOS` ids; returns the list."""
     if eos_token_id is None:
         return []
@@ -86,10 +96,30 @@ def check_eos(eos_token_id, vocab: int) -> list[int]:
     elif isinstance(eos_token_id, numbers.Integral):  # a bool is Integral too: check_token refuses it
         eos = [eos_token_id]
     else:
-        raise TypeError(f"eos_token_id must be an int, a list/tuple of ints or None, got {type(eos_token_id).__name__}")
+        raise TypeError(f"{name} must be an int, a list/tuple of ints or None, got {type(eos_token_id).__name__}")
     if len(eos) > MAX_EOS:
-        raise ValueError(f"eos_token_id: at most {MAX_EOS} ids are supported, got {len(eos)}")
-    return [check_token("eos_token_id", e, vocab) for e in eos]
+        raise ValueError(f"{name}: at most {MAX_EOS} ids are supported, got {len(eos)}")
+    return [check_token(name, e, vocab) for e in eos]
+
+
+def special_tokens(model, eos_token_id, pad_token_id, vocab: int) -> tuple[list[int], int]:
+    """``(eos ids, pad id)`` as Hugging Face ``generate`` (5.x) resolves them: :data:`FROM_MODEL` takes the
+    value of ``model.generation_config`` (``None`` without one), an explicit ``None`` EOS means no stop
+    token, and a ``None`` pad id is the first EOS id (``0`` without EOS: no row is ever padded then)."""
+    config = getattr(model, "generation_config", None)
+    eos_token_id, eos_name = _from_model(config, "eos_token_id", eos_token_id)
+    pad_token_id, pad_name = _from_model(config, "pad_token_id", pad_token_id)
+    eos = check_eos(eos_name, eos_token_id, vocab)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return eos, check_token(pad_name, pad_token_id, vocab)
+
+
+def _from_model(config, key: str, value):
+    """``(value, its name in errors)``: the ``generation_config`` attribute for :data:`FROM_MODEL`."""
+    if value is FROM_MODEL:
+        return getattr(config, key, None), f"model.generation_config.{key}"
+    return value, key
 
 
 @dataclass(frozen=True)

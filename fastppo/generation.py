@@ -31,13 +31,13 @@ import torch
 
 from fastppo._checks import check_bool, check_choice, check_number
 from fastppo._generation_checks import (
+    FROM_MODEL,
     MAX_EOS,
-    check_eos,
     check_prompts,
     check_sampling,
-    check_token,
     eval_mode,
     inspect_model,
+    special_tokens,
 )
 from fastppo.attention import (
     ATTN_NAME,
@@ -281,19 +281,25 @@ class Generator:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        eos_token_id=None,
-        pad_token_id: int | None = None,
+        eos_token_id=FROM_MODEL,
+        pad_token_id=FROM_MODEL,
         generator: torch.Generator | None = None,
     ) -> GenerationOutput:
         """Complete left-padded prompts ``input_ids`` int ``[B, P]`` (``attention_mask`` ``[B, P]``, 0 = padding).
 
         ``do_sample=False``: greedy (argmax). Else sample from ``softmax(logits / temperature)``, after
-        top-k (``0``: off) and top-p (``1.0``: off) filtering. ``eos_token_id``: an int or a list of ints
-        (at most 8); ``None`` means no stop token (always ``max_new_tokens``). ``pad_token_id`` fills a row
-        after its EOS (default: the first EOS id, else 0). ``generator``: seeds the sampling (the same seed
-        gives the same tokens on a given device); without it the global RNG (``torch.manual_seed``) does. It
-        may live on any device, not only the model's: one draw from it seeds this Generator's own RNG.
-        Batches larger than ``max_batch_size`` are generated in consecutive chunks.
+        top-k (``0``: off) and top-p (``1.0``: off) filtering (these settings are this call's, not read from
+        ``model.generation_config``).
+
+        ``eos_token_id``: an int or a list of ints (at most 8), or ``None``: no stop token (always
+        ``max_new_tokens``). ``pad_token_id`` fills a row after its EOS; ``None``: the first EOS id (0 without
+        EOS). Omitted, either is ``model.generation_config``'s value, as in Hugging Face ``generate``: pass
+        ``eos_token_id=None`` explicitly to run every row to ``max_new_tokens``.
+
+        ``generator``: seeds the sampling (the same seed gives the same tokens on a given device); without it
+        the global RNG (``torch.manual_seed``) does. It may live on any device, not only the model's: one draw
+        from it seeds this Generator's own RNG. Batches larger than ``max_batch_size`` are generated in
+        consecutive chunks.
         """
         ids, mask, lengths = check_prompts(input_ids, attention_mask, self.info.vocab, self.info.device)
         max_new_tokens = check_number("max_new_tokens", max_new_tokens, integer=True, ge=1)
@@ -303,10 +309,7 @@ class Generator:
                 f"exceeds max_length={self.max_length} of this Generator"
             )
         sampling = check_sampling(do_sample, temperature, top_k, top_p, generator)
-        eos = check_eos(eos_token_id, self.info.vocab)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-        pad_token_id = check_token("pad_token_id", pad_token_id, self.info.vocab)
+        eos, pad_token_id = special_tokens(self.model, eos_token_id, pad_token_id, self.info.vocab)
 
         mode = sampling.mode
         seed = 0

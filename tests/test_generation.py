@@ -100,10 +100,52 @@ def test_chunking_and_reuse_give_the_same_tokens(models):
     ref = hf_greedy(model, ids, mask, 5)
     gen = fastppo.Generator(model, max_batch_size=2, max_length=16)  # 5 rows -> chunks of 2, 2, 1
     for _ in range(2):  # the second call reuses cache and buffers
-        out = gen.generate(ids, mask, max_new_tokens=5, do_sample=False)
+        out = gen.generate(ids, mask, max_new_tokens=5, do_sample=False, eos_token_id=None)
         assert torch.equal(out.sequences, ref)
-    one = gen.generate(ids[:1], mask[:1], max_new_tokens=1, do_sample=False)  # no decode step at all
+    one = gen.generate(ids[:1], mask[:1], max_new_tokens=1, do_sample=False, eos_token_id=None)  # no decode step
     assert torch.equal(one.sequences, ref[:1, : P + 1]) and one.decode_steps == 0
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+@pytest.mark.parametrize("kind", ["one", "many"])
+def test_generation_config_defaults_match_hf_generate(arch, kind):
+    # an omitted eos_token_id/pad_token_id is model.generation_config's, an explicit None eos is no stop
+    # token and a None pad is the first EOS id: as Hugging Face generate does
+    model = BUILDERS[arch](seed=1)
+    ids, mask = ragged_prompts(5, max_len=P, seed=3)
+    new = 9
+    eos = eos_from_greedy(model, ids, mask, new, kind)  # an int ("one") or a list ("many")
+    model.generation_config.eos_token_id = eos
+    gen = fastppo.Generator(model, max_batch_size=8, max_length=24, check_every=1)
+    cases = [{}, dict(eos_token_id=None), dict(pad_token_id=None), dict(eos_token_id=None, pad_token_id=None)]
+    outs = []
+    for kwargs in cases:
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
+        outs.append(gen.generate(ids, mask, max_new_tokens=new, do_sample=False, **kwargs).sequences)
+        assert torch.equal(outs[-1], ref), kwargs
+    stopped, free, eos_padded, _ = outs
+    assert free.shape[1] == P + new and torch.isin(free[:, P:], torch.tensor(eos)).any()  # EOS emitted, no stop
+    if kind == "many":
+        assert stopped.shape[1] < P + new  # every row stopped: the loop ended early
+    else:  # some rows stopped and were padded: with PAD_ID, or the EOS id when the pad id is None
+        assert (stopped[:, P:] == PAD_ID).any() and not torch.equal(eos_padded, stopped)
+    model.generation_config.pad_token_id = None  # no pad in the config either: the first EOS id
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    assert torch.equal(gen.generate(ids, mask, max_new_tokens=new, do_sample=False).sequences, ref)
+    assert torch.equal(ref, eos_padded)
+
+
+def test_generation_config_errors_name_it():
+    model = BUILDERS["llama"](seed=1)
+    gen = fastppo.Generator(model, max_batch_size=2, max_length=12)
+    ids, mask = ragged_prompts(2, max_len=P)
+    model.generation_config.eos_token_id = 500
+    with pytest.raises(ValueError, match=r"model.generation_config.eos_token_id must be in \[0, 128\), got 500"):
+        gen.generate(ids, mask, max_new_tokens=2)
+    gen.generate(ids, mask, max_new_tokens=2, eos_token_id=EOS_ID)  # an explicit id needs nothing from the config
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 300
+    with pytest.raises(ValueError, match=r"model.generation_config.pad_token_id must be in \[0, 128\)"):
+        gen.generate(ids, mask, max_new_tokens=2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,6 +475,6 @@ def test_cuda_graphs_under_autocast_and_deterministic_mode():
     assert first.capture_seconds > 0 and again.capture_seconds == 0
     assert torch.equal(first.sequences, again.sequences)
     torch.cuda.empty_cache()
-    fp32 = gen.generate(ids, mask, max_new_tokens=12, do_sample=False)  # autocast off: recaptured
+    fp32 = gen.generate(ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=None)  # autocast off: recaptured
     assert fp32.capture_seconds > 0
     assert torch.equal(fp32.sequences, hf_greedy(model, ids, mask, 12))
