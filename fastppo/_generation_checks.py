@@ -25,6 +25,19 @@ class ModelInfo:
     dtype: torch.dtype
 
 
+def unwrap_model(model):
+    """The module that really computes: ``torch.compile``'s ``OptimizedModule`` holds it in ``_orig_mod``,
+    DDP, ``DataParallel`` and engines alike (an object without a ``config``) in ``.module``; nested
+    wrappers are unwrapped in turn."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module) and getattr(model, "config", None) is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module) or inner is model:
+            return model
+        model = inner
+
+
 def inspect_model(model) -> ModelInfo:
     """Static checks for 'unsupported model'; :meth:`Generator._probe` then runs one token through it."""
     config = getattr(model, "config", None)

@@ -38,6 +38,7 @@ from fastppo._generation_checks import (
     eval_mode,
     inspect_model,
     special_tokens,
+    unwrap_model,
 )
 from fastppo.attention import (
     ATTN_NAME,
@@ -162,6 +163,11 @@ class Generator:
     * ``compile``: ``torch.compile`` the decode step (before capturing it on CUDA): fuses the model's
       elementwise ops (norms, rotary, activations), fewer kernels per step. Experimental: each
       (bucket, key length, mode) compiles once, at its first use.
+
+    A wrapped ``model`` is unwrapped: a model compiled by ``torch.compile`` (``OptimizedModule``), DDP,
+    ``DataParallel`` or any wrapper holding it in ``.module``. The Generator runs the underlying eager
+    module, with its own compilation (CUDA graphs, ``compile``); it shares the parameters, so updates made
+    through the wrapper are seen.
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class Generator:
         kv_block: int | None = None,
         compile: bool = False,
     ):
+        model = unwrap_model(model)
         info = inspect_model(model)
         max_batch_size = check_number("max_batch_size", max_batch_size, integer=True, ge=1)
         max_length = check_number("max_length", max_length, integer=True, ge=2)

@@ -27,3 +27,10 @@ def ragged_prompts(
     ids = torch.randint(first_token, vocab, (batch, max_len), generator=g)
     mask = torch.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
     return ids.masked_fill(~mask, pad_id), mask.long()
+
+
+def hf_greedy(model, ids, mask, new, eos=None):
+    """Hugging Face ``generate``, greedy, with ``eos`` as the stop token(s) (``None``: none) and ``PAD_ID``."""
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID
+    )

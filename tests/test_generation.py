@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastppo
-from fastppo.attention import ATTN_NAME, choose_attn_implementation, pack_padded
-from tests._tiny_models import EOS_ID, PAD_ID, ragged_prompts, tiny_llama, tiny_qwen2, tiny_tokenizer
+from fastppo.attention import choose_attn_implementation, pack_padded
+from tests._tiny_models import EOS_ID, PAD_ID, hf_greedy, ragged_prompts, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
@@ -20,13 +20,6 @@ P = 7  # prompt width of ragged_prompts
 @pytest.fixture(scope="module")
 def models():
     return {name: build(seed=1) for name, build in BUILDERS.items()}
-
-
-def hf_greedy(model, ids, mask, new, eos=None):
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID
-    )
-    return out
 
 
 def eos_from_greedy(model, ids, mask, new, kind):
@@ -308,50 +301,6 @@ def test_numpy_and_tensor_scalars_are_accepted(models):
     out = gen.generate(ids, mask, generator=torch.Generator().manual_seed(0), **scalars)
     assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.logprobs, ref.logprobs)
     assert gen.max_batch_size == 4 and type(gen.max_length) is int
-
-
-def test_unsupported_models():
-    from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration
-
-    with pytest.raises(TypeError, match="must be a Hugging Face causal LM"):
-        fastppo.Generator(torch.nn.Linear(2, 2), max_batch_size=1, max_length=8)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        fastppo.Generator(t5, max_batch_size=1, max_length=8)
-    sliding = Qwen2Config(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        use_sliding_window=True,
-        sliding_window=4,
-        max_window_layers=0,
-    )
-    with pytest.raises(ValueError, match="only full-attention layers"):
-        fastppo.Generator(Qwen2ForCausalLM(sliding), max_batch_size=1, max_length=8)
-
-    class NoAttention(torch.nn.Module):  # looks like an HF LM but never calls the attention interface
-        _supports_attention_backend = True
-
-        def __init__(self):
-            super().__init__()
-            self.config = LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
-            self.emb = torch.nn.Embedding(16, 16)
-
-        def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
-            return type("Out", (), {"logits": self.emb(input_ids)})()
-
-    with pytest.raises(ValueError, match=f"expected one '{ATTN_NAME}' attention call per layer"):
-        fastppo.Generator(NoAttention(), max_batch_size=1, max_length=8)
-
-    class NoKeep(NoAttention):
-        def forward(self, input_ids=None):
-            return None
-
-    with pytest.raises(ValueError, match="no `logits_to_keep`"):
-        fastppo.Generator(NoKeep(), max_batch_size=1, max_length=8)
 
 
 def test_compiled_step_keeps_compiling_past_dynamo_limit(models):
