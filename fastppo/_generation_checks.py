@@ -38,8 +38,9 @@ def unwrap_model(model):
         model = inner
 
 
-def inspect_model(model) -> ModelInfo:
-    """Static checks for 'unsupported model'; :meth:`Generator._probe` then runs one token through it."""
+def inspect_model(model, max_length: int) -> ModelInfo:
+    """Static checks for 'unsupported model' (``max_length``: the longest sequence the Generator will
+    run); :meth:`Generator._probe` then runs one token through it."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or config is None:
         raise TypeError(
@@ -60,19 +61,32 @@ def inspect_model(model) -> ModelInfo:
             f"unsupported model {name}: it does not route attention through transformers' AttentionInterface"
         )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other or (
-        getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None) and not layer_types
-    ):
-        found = other or ["sliding_attention"]
-        raise ValueError(f"unsupported model {name}: only full-attention layers are supported, found {found}")
+    _check_full_attention(name, text, max_length)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     param = next(model.parameters())
     dtype = getattr(model, "dtype", param.dtype)
     return ModelInfo(text.num_hidden_layers, kv_heads, head_dim, text.vocab_size, param.device, dtype)
+
+
+def _check_full_attention(name: str, text, max_length: int) -> None:
+    """Only full (causal) attention is implemented. A sliding window of ``W`` lets a query see the ``W``
+    most recent keys, itself included: all of them while ``max_length <= W``, where it equals full attention."""
+    layer_types = getattr(text, "layer_types", None) or []
+    kinds = {t for t in layer_types if t != "full_attention"}
+    window = getattr(text, "sliding_window", None)
+    if not layer_types and window is not None and getattr(text, "use_sliding_window", True):
+        kinds = {"sliding_attention"}  # configs without layer_types (Mistral): one window for every layer
+    if not kinds or (kinds == {"sliding_attention"} and window is not None and max_length <= window):
+        return
+    why = f"unsupported model {name}: only full-attention layers are supported, found {sorted(kinds)}"
+    if "sliding_attention" in kinds and window is not None:
+        why += (
+            f"; sliding-window attention equals full attention when max_length <= sliding_window={window}, "
+            f"got max_length={max_length}"
+        )
+    raise ValueError(why)
 
 
 @contextlib.contextmanager

@@ -230,7 +230,7 @@ def register() -> None:
 
 
 # kwargs some models pass that change the attention itself; silently ignoring them would be wrong
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks")
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
 
 
 def fastppo_attention(
@@ -254,6 +254,12 @@ def fastppo_attention(
     if plan.on_call is not None:
         plan.on_call(layer)
     k_cache, v_cache = plan.cache.keys[layer], plan.cache.values[layer]
+    window = kwargs.get("sliding_window")
+    if window is not None and window < k_cache.shape[1]:  # a window spanning the whole cache is full attention
+        raise ValueError(
+            f"fastppo.Generator does not support attention with sliding_window={window!r} < "
+            f"max_length={k_cache.shape[1]} (layer {layer})"
+        )
     if key.shape[1] != k_cache.shape[2] or key.shape[3] != k_cache.shape[3]:  # Python ints: free, not in replays
         raise ValueError(
             f"layer {layer}: the model produced keys with {key.shape[1]} heads of dim {key.shape[3]}, the cache "

@@ -146,7 +146,9 @@ def _buckets(max_batch_size: int) -> list[int]:
 
 
 class Generator:
-    """Rollout engine around a Hugging Face causal LM (tested: Llama, Qwen2).
+    """Rollout engine around a Hugging Face causal LM with full attention (tested: Llama, Qwen2, Mistral).
+    A sliding window (Mistral, Qwen2's ``use_sliding_window``) is accepted when ``max_length <=
+    sliding_window``: every query then sees all its keys, as with full attention.
 
     ``Generator(model, *, max_batch_size, max_length, cuda_graphs="auto", attention="auto",
     prefill="auto", check_every=16, kv_block=None, compile=False)``
@@ -184,9 +186,9 @@ class Generator:
         compile: bool = False,
     ):
         model = unwrap_model(model)
-        info = inspect_model(model)
         max_batch_size = check_number("max_batch_size", max_batch_size, integer=True, ge=1)
         max_length = check_number("max_length", max_length, integer=True, ge=2)
+        info = inspect_model(model, max_length)
         check_every = check_number("check_every", check_every, integer=True, ge=1)
         kv_block = check_number("kv_block", kv_block, integer=True, ge=1, allow_none=True)
         compile = check_bool("compile", compile)

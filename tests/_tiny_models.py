@@ -34,3 +34,37 @@ def hf_greedy(model, ids, mask, new, eos=None):
     return model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID
     )
+
+
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "initializer_range",
+)
+
+
+def tiny_sliding(arch: str, window: int, *, seed: int = 0):
+    """A random causal LM with the tiny Llama's sizes and a sliding window of ``window`` tokens on every
+    layer: ``arch="mistral"`` (``MistralConfig(sliding_window=...)``, no ``layer_types``) or ``"qwen2"``
+    (``use_sliding_window=True``: every layer a ``sliding_attention`` one). Float32, eval mode."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    base = tiny_llama().config
+    sizes = {k: getattr(base, k) for k in _SIZES}
+    if arch == "mistral":
+        cls, config = MistralForCausalLM, MistralConfig(**sizes, sliding_window=window)
+    else:
+        cls = Qwen2ForCausalLM
+        config = Qwen2Config(**sizes, use_sliding_window=True, sliding_window=window, max_window_layers=0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return cls(config).eval()

@@ -10,7 +10,7 @@ import torch
 
 import fastppo
 from fastppo.attention import ATTN_NAME
-from tests._tiny_models import hf_greedy, ragged_prompts, tiny_llama
+from tests._tiny_models import hf_greedy, ragged_prompts, tiny_llama, tiny_sliding
 
 P = 7  # prompt width of ragged_prompts
 
@@ -54,6 +54,35 @@ def test_wrapped_models_run_the_underlying_module(wrap, request):
     gen, out = _greedy(wrapped, ids, mask)
     assert gen.model is model
     assert torch.equal(out, hf_greedy(model, ids, mask, 5))
+
+
+@pytest.mark.parametrize("arch,window", [("mistral", 4096), ("mistral", 12), ("qwen2", 12)])
+def test_sliding_window_at_least_max_length_is_full_attention(arch, window):
+    # a query sees the `window` most recent keys: every one of them while max_length <= window
+    model = tiny_sliding(arch, window, seed=3)
+    ids, mask = ragged_prompts(3, max_len=P, seed=4)
+    gen = fastppo.Generator(model, max_batch_size=4, max_length=12)
+    out = gen.generate(ids, mask, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 5))
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_below_max_length_is_refused(arch):
+    model = tiny_sliding(arch, 11)
+    with pytest.raises(
+        ValueError, match=r"only full-attention layers.*max_length <= sliding_window=11, got max_length=12"
+    ):
+        fastppo.Generator(model, max_batch_size=1, max_length=12)
+
+
+def test_attention_refuses_a_window_below_max_length():
+    # the window the model passes at run time is checked too (here the config changed after the Generator)
+    model = tiny_sliding("mistral", 4096)
+    gen = fastppo.Generator(model, max_batch_size=1, max_length=12)
+    ids, mask = ragged_prompts(1, max_len=P)
+    model.config.sliding_window = 8
+    with pytest.raises(ValueError, match=r"sliding_window=8 < max_length=12 \(layer 0\)"):
+        gen.generate(ids, mask, max_new_tokens=2)
 
 
 def test_unsupported_models():
