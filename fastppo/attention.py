@@ -3,8 +3,8 @@ attention function that :class:`fastppo.Generator` plugs into a Hugging Face mod
 
 One decision for everything (:func:`choose_attn_implementation`): ``"flash_attention_2"`` when the
 ``flash-attn`` package imports and the model runs on CUDA, else ``"sdpa"`` (PyTorch picks its own
-flash/memory-efficient kernel). The trainer's forwards use the same choice, and pack sequences
-padding-free (:func:`pack_padded`) when flash-attn is there, since only flash-attn has a varlen kernel.
+flash/memory-efficient kernel). The trainer loads its models with that choice. Sequences can be packed
+padding-free (:func:`pack_padded`) only with flash-attn (:func:`padding_free`): only it has a varlen kernel.
 
 The generator does not use Hugging Face's KV caches: it registers :func:`fastppo_attention` in
 transformers' ``AttentionInterface`` under :data:`ATTN_NAME` and switches a model's config to it for the
@@ -205,7 +205,7 @@ def attn_implementation(model, name: str = ATTN_NAME) -> Iterator[None]:
 
     Sets the config attribute directly rather than ``model.set_attn_implementation``: that method
     validates against the model's supported kernels and rebuilds sub-configs, and we must restore the
-    exact previous value (also on error) since the trainer shares the model.
+    exact previous value (also on error): training goes on with the same model.
     """
     register()
     configs = {

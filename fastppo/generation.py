@@ -1,5 +1,5 @@
-"""Rollout generation with the trainer's own Hugging Face model: eager prefill, then a decode loop over a
-static KV cache, CUDA-graph captured on GPU (a plain loop on CPU).
+"""Rollout generation with the Hugging Face model being trained (its own weights, no copy): eager prefill,
+then a decode loop over a static KV cache, CUDA-graph captured on GPU (a plain loop on CPU).
 
 How a rollout runs (``Generator.generate``):
 
