@@ -5,6 +5,7 @@ Used by the tests, the benchmarks' CPU mode and the default demo.
     tok = tiny_tokenizer()                       # char-level, <pad>=0 <eos>=1 <bos>=2 <unk>=3, left padding
     model = tiny_llama(vocab=len(tok), seed=0)   # LlamaForCausalLM, float32, eval mode
     model = tiny_qwen2(vocab=len(tok), seed=0)   # Qwen2ForCausalLM (q/k/v biases), float32, eval mode
+    rm = tiny_reward_model(vocab=len(tok))       # Qwen2ForSequenceClassification, num_labels=1
     batch = tok(["hi", "hello"], return_tensors="pt", padding=True)
 
 Defaults are small enough for CPU tests (hidden 64, 2 layers, 4 query / 2 key-value heads: GQA is
@@ -22,7 +23,7 @@ PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 
-def _common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions):
+def _common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions, tie=False):
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -34,7 +35,7 @@ def _common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions)
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         initializer_range=0.2,
     )
 
@@ -42,7 +43,8 @@ def _common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions)
 def _build(cls, config, seed, dtype):
     torch.manual_seed(seed)
     model = cls(config).to(dtype).eval()
-    model.generation_config.pad_token_id = PAD_ID
+    if getattr(model, "generation_config", None) is not None:  # causal LMs only
+        model.generation_config.pad_token_id = PAD_ID
     return model
 
 
@@ -58,11 +60,14 @@ def tiny_llama(
     max_positions: int = 256,
     dtype=torch.float32,
     attn_implementation: str = "sdpa",
+    tie_word_embeddings: bool = False,
 ):
     """A random ``LlamaForCausalLM`` from a config (float32, eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**_common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions))
+    config = LlamaConfig(
+        **_common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions, tie_word_embeddings)
+    )
     config._attn_implementation = attn_implementation
     return _build(LlamaForCausalLM, config, seed, dtype)
 
@@ -79,13 +84,27 @@ def tiny_qwen2(
     max_positions: int = 256,
     dtype=torch.float32,
     attn_implementation: str = "sdpa",
+    tie_word_embeddings: bool = False,
 ):
     """A random ``Qwen2ForCausalLM`` from a config (biases on q/k/v; float32, eval mode)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**_common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions))
+    config = Qwen2Config(
+        **_common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions, tie_word_embeddings)
+    )
     config._attn_implementation = attn_implementation
     return _build(Qwen2ForCausalLM, config, seed, dtype)
+
+
+def tiny_reward_model(
+    vocab: int = 128, *, seed: int = 0, hidden: int = 64, layers: int = 2, max_positions: int = 256, dtype=torch.float32
+):
+    """A random ``Qwen2ForSequenceClassification`` with one label (a reward model; float32, eval mode)."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    config = Qwen2Config(**_common(vocab, hidden, layers, 4, 2, 2 * hidden, max_positions), num_labels=1)
+    config._attn_implementation = "sdpa"
+    return _build(Qwen2ForSequenceClassification, config, seed, dtype)
 
 
 def tiny_tokenizer(padding_side: str = "left"):

@@ -2,7 +2,12 @@
 
 import math
 
+import pytest
+
 from fastppo.demo import DemoConfig, main, run
+from tests._trainer_helpers import one_thread  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_cli_smoke(capsys):

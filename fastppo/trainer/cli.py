@@ -127,7 +127,12 @@ def main(argv=None) -> int:
         return run_preset(parse_config(argv, base=PRESET))
     from fastppo.trainer.trainer import PPOTrainer
 
-    PPOTrainer.from_config(config).train()
+    try:  # bad data or lengths are found while setting up: one line, as the flags' errors
+        trainer = PPOTrainer.from_config(config)
+    except (ValueError, TypeError) as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+    trainer.train()
     return 0
 
 

@@ -65,13 +65,28 @@ def load_causal_lm(model, mc, device) -> nn.Module:
     return model.to(device)
 
 
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(tokenizer, fallback_path=None):
+    """A tokenizer object as given, or loaded from a folder.
+
+    A folder whose ``tokenizer_config.json`` declares the generic fast tokenizer is loaded as exactly
+    that: ``AutoTokenizer`` in transformers 5 swaps it for the model type's class when a ``config.json``
+    sits beside it (Qwen2's, say), whose own pre-tokenizer then drops every character it does not expect.
+    """
     if tokenizer is None and fallback_path is None:
         raise ValueError("tokenizer is required when the policy is given as an object")
     if tokenizer is None or isinstance(tokenizer, (str, pathlib.Path)):
-        from transformers import AutoTokenizer
+        import json
 
-        tokenizer = AutoTokenizer.from_pretrained(_folder("tokenizer", tokenizer or fallback_path))
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        folder = _folder("tokenizer", tokenizer or fallback_path)
+        declared = folder / "tokenizer_config.json"
+        declared = json.loads(declared.read_text()).get("tokenizer_class") if declared.is_file() else None
+        cls = PreTrainedTokenizerFast if declared in _GENERIC_TOKENIZERS else AutoTokenizer
+        tokenizer = cls.from_pretrained(folder)
     return tokenizer
 
 

@@ -1,0 +1,92 @@
+"""The PPO update: the gradient does not depend on the micro-batch size; non-finite values stop the run."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import fastppo
+from fastppo.tiny import tiny_qwen2, tiny_tokenizer
+from fastppo.trainer.metrics import Mean
+from fastppo.trainer.update import NonFiniteError, ppo_update
+from tests._trainer_helpers import (
+    PROMPTS,
+    one_thread,  # noqa: F401 (a fixture)
+    small_config,
+    vowels,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _trainer(tmp_path, **fields):
+    tok = tiny_tokenizer()
+    cfg = small_config(tmp_path, **fields)
+    return fastppo.PPOTrainer(cfg, tiny_qwen2(len(tok), seed=2), tok, vowels, train_prompts=PROMPTS)
+
+
+def _experience(trainer):
+    roll = trainer._rollout(trainer.sampler.next(), trainer.sample_rng, do_sample=True, samples=2)
+    return trainer._prepare(roll, trainer._score(roll)[0])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, agg):
+    # one mini-batch: after ppo_update the .grad fields hold that mini-batch's accumulated gradient
+    trainer = _trainer(tmp_path, num_minibatches=1, max_grad_norm=None, loss_agg=agg, ent_coef=0.01, kl_mode="loss")
+    exp, _ = _experience(trainer)
+    lengths = exp.completion_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 1  # ragged rows: a per-micro-batch mean would differ
+    grads = {}
+    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in (trainer.policy, trainer.critic)]
+    for micro in (8, 4, 1):
+        for m, state in zip((trainer.policy, trainer.critic), start):
+            m.load_state_dict(state)
+        cfg = dataclasses.replace(trainer.config, ppo=dataclasses.replace(trainer.config.ppo, micro_batch_size=micro))
+        ppo_update(exp, trainer.learner, cfg, rng=torch.Generator().manual_seed(0), meter=Mean(), kl_coef=0.05)
+        grads[micro] = [p.grad.clone() for p in [*trainer.policy.parameters(), *trainer.critic.parameters()]]
+    for micro in (4, 1):
+        for a, b in zip(grads[8], grads[micro]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-12)
+
+
+def test_a_non_finite_loss_stops_before_any_weight_changes(tmp_path):
+    trainer = _trainer(tmp_path, num_minibatches=1)
+    exp, _ = _experience(trainer)
+    exp.advantages[0, 0] = float("nan")
+    before = [p.detach().clone() for p in [*trainer.policy.parameters(), *trainer.critic.parameters()]]
+    with pytest.raises(NonFiniteError, match=r"step 3, epoch 1, mini-batch 1: policy_loss is nan"):
+        ppo_update(exp, trainer.learner, trainer.config, rng=torch.Generator(), meter=Mean(), step=2)
+    after = [*trainer.policy.parameters(), *trainer.critic.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_non_finite_reward_stops_the_run_naming_the_sample(tmp_path):
+    from fastppo.trainer.rewards import RewardError
+
+    tok = tiny_tokenizer()
+    cfg = small_config(tmp_path, eval_every=0)
+    bad = lambda prompts, completions: [float("inf")] * len(completions)  # noqa: E731
+    trainer = fastppo.PPOTrainer(cfg, tiny_qwen2(len(tok)), tok, bad, train_prompts=PROMPTS)
+    with pytest.raises(RewardError, match=r"returned scores = inf for sample 0: prompt="):
+        trainer.train()
+
+
+def test_critic_warmup_freezes_the_policy(tmp_path):
+    trainer = _trainer(tmp_path, critic_warmup_steps=1, eval_every=0)
+    policy_before = [p.detach().clone() for p in trainer.policy.parameters()]
+    critic_before = [p.detach().clone() for p in trainer.critic.parameters()]
+    m = trainer.step()
+    assert m["grad_norm"] == 0 and m["policy_loss"] == 0 and m["critic_grad_norm"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(policy_before, trainer.policy.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(critic_before, trainer.critic.parameters()))
+    assert trainer.step()["grad_norm"] > 0  # warm-up over
+
+
+def test_target_kl_stops_the_remaining_epochs(tmp_path):
+    counts = {}
+    for target in (None, 1e-12):
+        trainer = _trainer(tmp_path, ppo_epochs=3, num_minibatches=2, target_kl=target, eval_every=0)
+        trainer.step()
+        counts[target] = trainer.learner.policy_scheduler.last_epoch  # optimizer steps taken
+    assert counts[None] == 6 and counts[1e-12] < 6
