@@ -86,26 +86,13 @@ def test_attention_refuses_a_window_below_max_length():
 
 
 def test_unsupported_models():
-    from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import LlamaConfig, T5Config, T5ForConditionalGeneration
 
     with pytest.raises(TypeError, match="must be a Hugging Face causal LM"):
         fastppo.Generator(torch.nn.Linear(2, 2), max_batch_size=1, max_length=8)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     with pytest.raises(ValueError, match="encoder-decoder"):
         fastppo.Generator(t5, max_batch_size=1, max_length=8)
-    sliding = Qwen2Config(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        use_sliding_window=True,
-        sliding_window=4,
-        max_window_layers=0,
-    )
-    with pytest.raises(ValueError, match="only full-attention layers"):
-        fastppo.Generator(Qwen2ForCausalLM(sliding), max_batch_size=1, max_length=8)
 
     class NoAttention(torch.nn.Module):  # looks like an HF LM but never calls the attention interface
         _supports_attention_backend = True
