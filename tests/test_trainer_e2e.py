@@ -165,3 +165,41 @@ def test_a_ppo_step_from_the_public_building_blocks():
     assert stats["clip_frac"] == 0 and stats["approx_kl"] < 1e-6  # old and new agree before the step
     assert ((out.logprobs - old_lp).abs() * cmask).max() < 1e-4
     assert torch.isfinite(pg_loss) and v_loss > 0 and kl_ctl.value != 0.05
+
+
+def test_trainer_state_and_learner_states_are_what_a_resumed_run_needs(tmp_path, folders):
+    """The seam checkpointing builds on: a run stopped after 2 steps and continued from its state_dict and
+    its learner's states logs step 3 exactly as the uninterrupted run."""
+    import copy
+
+    def trainer(name):
+        cfg = small_config(tmp_path / name, max_steps=3, eval_every=0, lr_scheduler="linear", adaptive_kl=True,
+                           normalize_reward=True)  # fmt: skip
+        return PPOTrainer(cfg, folders["policy"], None, vowels, train_prompts=PROMPTS)
+
+    untimed = lambda m: {k: v for k, v in m.items() if k not in TIMINGS | {"peak_mem_mb"}}  # noqa: E731
+    full = [untimed(m) for m in trainer("full").train()]
+
+    first = trainer("first")
+    first.callbacks.append(lambda t, m: setattr(t, "should_stop", m["step"] == 2))
+    first.train()
+    learner = first.learner
+    saved = copy.deepcopy({
+        "trainer": first.state_dict(),
+        "modules": [learner.policy.state_dict(), learner.critic.state_dict()],
+        "optimizers": [learner.policy_optimizer.state_dict(), learner.critic_optimizer.state_dict()],
+        "schedulers": [learner.policy_scheduler.state_dict(), learner.critic_scheduler.state_dict()],
+    })  # fmt: skip
+
+    second = trainer("second")
+    second.load_state_dict(saved["trainer"])
+    learner = second.learner
+    for obj, state in zip(
+        [learner.policy, learner.critic, learner.policy_optimizer, learner.critic_optimizer,
+         learner.policy_scheduler, learner.critic_scheduler],
+        saved["modules"] + saved["optimizers"] + saved["schedulers"],
+    ):  # fmt: skip
+        obj.load_state_dict(state)
+    resumed = [untimed(m) for m in second.train()]
+    assert [m["step"] for m in resumed] == [3]
+    assert resumed[0] == full[2]

@@ -10,7 +10,6 @@ included).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -233,13 +232,3 @@ class Experience:
                 v = v[:, : self.prompt_length + n] if f.name in ("sequences", "attention_mask") else v[:, :n]
             cut[f.name] = v
         return Experience(**cut)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """``1 - Var[returns - values] / Var[returns]`` over valid tokens (cleanrl's); NaN when Var[returns] = 0."""
-    m = mask.bool()
-    y, v = returns[m].double(), values[m].double()
-    if y.numel() < 2:
-        return math.nan
-    var_y = y.var()
-    return math.nan if var_y == 0 else float(1 - (y - v).var() / var_y)

@@ -9,6 +9,7 @@ quantity is per token), never read off the last batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +74,8 @@ METRICS = [
         "mean over optimizer steps of the critic's gradient norm before clipping",
         "0 without a critic",
     ),
-    Metric("lr", "the policy's learning rate at the step's last optimizer step", ""),
-    Metric("critic_lr", "the critic's learning rate at the step's last optimizer step", "0 without a critic"),
+    Metric("lr", "the policy's learning rate at the step's first optimizer step", ""),
+    Metric("critic_lr", "the critic's learning rate at the step's first optimizer step", "0 without a critic"),
     Metric("response_length_mean", "mean number of completion tokens", "stop token included"),
     Metric("truncated_rate", "fraction of completions that hit max_new_tokens without a stop token", ""),
     Metric(
@@ -163,3 +164,56 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var[returns - values] / Var[returns]`` over valid tokens (cleanrl's); NaN when Var[returns] = 0."""
+    m = mask.bool()
+    y, v = returns[m].double(), values[m].double()
+    if y.numel() < 2:
+        return math.nan
+    var_y = y.var()
+    return math.nan if var_y == 0 else float(1 - (y - v).var() / var_y)
+
+
+_UPDATE = ["policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio_max", "value_clip_frac", "grad_norm",
+           "critic_grad_norm", "critic_lr"]  # fmt: skip
+
+
+def step_metrics(step, roll, scores, components, exp, info, meter: Mean, times: dict, device) -> dict:
+    """The :data:`METRICS` of one step, in their order, then ``reward/<component>``. ``roll``: the
+    :class:`Rollout`; ``scores``: raw scores ``[B]``; ``exp``: the :class:`Experience`; ``info``: the
+    prepare stage's ``rewards``, ``kl``, ``kl_coef``, ``entropy``, ``logprobs``; ``meter``: the update's
+    :class:`Mean`; ``times``: seconds per stage. Reads the device once for the rollout quantities."""
+    from fastppo.advantages import masked_mean
+
+    cmask = roll.completion_mask
+    lengths = cmask.sum(-1).float()
+    seq_reward = info["rewards"].sum(-1)
+    on_device = {
+        "reward_mean": seq_reward.mean(),
+        "reward_std": seq_reward.std() if len(seq_reward) > 1 else seq_reward.sum() * 0,
+        "kl": info["kl"],
+        "entropy": info["entropy"],
+        "response_length_mean": lengths.mean(),
+        "truncated_rate": (~roll.ended).float().mean(),
+        "rollout_logprob_diff": masked_mean((roll.rollout_logprobs - info["logprobs"]).abs(), cmask),
+        "tokens": lengths.sum(),
+    }
+    out = dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
+    out.update(
+        step=step,
+        score_mean=scores.mean().item(),
+        score_std=scores.std().item() if len(scores) > 1 else 0.0,
+        kl_coef=info["kl_coef"],
+        reward_length_corr=pearson(scores, lengths.cpu()),
+        explained_variance=explained_variance(exp.values, exp.returns, cmask) if exp.values is not None else math.nan,
+        **dict.fromkeys(_UPDATE, 0.0),
+    )
+    out.update(meter.result())
+    out.update({f"time_{k}_s": v for k, v in times.items()})
+    out["tokens_per_s"] = out.pop("tokens") / times["step"] if times["step"] > 0 else 0.0
+    out["peak_mem_mb"] = peak_memory_mb(device)
+    ordered = {k: out[k] for k in NAMES}
+    ordered.update({f"reward/{k}": v.mean().item() for k, v in components.items()})
+    return ordered

@@ -36,7 +36,6 @@ from fastppo.trainer.experience import (
     Experience,
     FixedKLController,
     compute_advantages,
-    explained_variance,
     rollout,
     token_rewards,
 )
@@ -50,7 +49,7 @@ from fastppo.trainer.loading import (
     model_config,
     resolve_device,
 )
-from fastppo.trainer.metrics import NAMES, Mean, peak_memory_mb, pearson
+from fastppo.trainer.metrics import Mean, step_metrics
 from fastppo.trainer.models import LogProbHead, Reference
 from fastppo.trainer.output import RunOutput
 from fastppo.trainer.rewards import RewardError, RewardModel, RewardShaper
@@ -326,64 +325,7 @@ class PPOTrainer:
         return meter
 
     def _metrics(self, roll, scores, components, exp, info, meter, times) -> dict:
-        cmask = roll.completion_mask
-        lengths = cmask.sum(-1).float()
-        seq_reward = info["rewards"].sum(-1)
-        diff = masked_mean((roll.rollout_logprobs - info["logprobs"]).abs(), cmask)
-        device_values = torch.stack(
-            [
-                seq_reward.mean(),
-                seq_reward.std() if len(seq_reward) > 1 else seq_reward.sum() * 0,
-                info["kl"],
-                info["entropy"],
-                lengths.mean(),
-                (~roll.ended).float().mean(),
-                diff,
-                lengths.sum(),
-            ]
-        ).tolist()
-        names = (
-            "reward_mean",
-            "reward_std",
-            "kl",
-            "entropy",
-            "response_length_mean",
-            "truncated_rate",
-            "rollout_logprob_diff",
-            "tokens",
-        )
-        out = {"step": self.step_count, **dict(zip(names, device_values))}
-        out.update(
-            score_mean=scores.mean().item(),
-            score_std=scores.std().item() if len(scores) > 1 else 0.0,
-            kl_coef=info["kl_coef"],
-            reward_length_corr=pearson(scores, lengths.cpu()),
-            explained_variance=(
-                explained_variance(exp.values, exp.returns, cmask) if exp.values is not None else float("nan")
-            ),
-        )
-        defaults = dict.fromkeys(
-            [
-                "policy_loss",
-                "value_loss",
-                "clip_frac",
-                "approx_kl",
-                "ratio_max",
-                "value_clip_frac",
-                "grad_norm",
-                "critic_grad_norm",
-                "critic_lr",
-            ],
-            0.0,
-        )
-        out.update({**defaults, **meter.result()})
-        tokens = out.pop("tokens")
-        out.update({f"time_{k}_s": v for k, v in times.items()})
-        out["tokens_per_s"] = tokens / times["step"] if times["step"] > 0 else 0.0
-        out["peak_mem_mb"] = peak_memory_mb(self.device)
-        ordered = {k: out[k] for k in NAMES}
-        ordered.update({f"reward/{k}": v.mean().item() for k, v in components.items()})
-        return ordered
+        return step_metrics(self.step_count, roll, scores, components, exp, info, meter, times, self.device)
 
     def _end_step(self, metrics: dict) -> bool:
         """The one place where a step ends: check, record, show, evaluate, run the callbacks.
