@@ -11,8 +11,8 @@ import torch
 import fastppo
 from fastppo.attention import choose_attn_implementation, pack_padded
 from tests._tiny_models import EOS_ID, PAD_ID, hf_greedy, ragged_prompts, tiny_llama, tiny_qwen2, tiny_tokenizer
+from tests._tol import requires_cuda
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 P = 7  # prompt width of ragged_prompts
 

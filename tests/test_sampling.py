@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from fastppo.sampling import filter_top_k_top_p, sample_tokens
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests._tol import requires_cuda
 
 
 def t(x, dtype=torch.float32):
