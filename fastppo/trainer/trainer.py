@@ -196,6 +196,13 @@ class PPOTrainer:
         """Evaluate, run ``max_steps`` steps, evaluate, save; returns the metrics of every step."""
         cfg = self.config.run
         self.output = RunOutput(cfg, self.config, resume=self.step_count > 0)
+        c, p = self.config, self.config.ppo
+        micro = p.micro_batch_size or c.minibatch_size
+        self.output.message(
+            f"batch: {c.rollout.rollout_batch_size} prompts x {c.rollout.samples_per_prompt} samples = "
+            f"{c.batch_size} completions -> {p.num_minibatches} mini-batches of {c.minibatch_size} (one optimizer "
+            f"step each) -> micro-batches of {micro}; {p.ppo_epochs} epochs; {cfg.max_steps} steps"
+        )
         try:
             if self.step_count == 0:
                 self.evaluate()
@@ -342,7 +349,7 @@ class PPOTrainer:
                 f"step {metrics['step']}: kl {metrics['kl']:.4f} per token passed kl_budget={budget}: the policy "
                 "is far from the reference; check samples for reward hacking (or raise kl_coef)"
             )
-            warnings.warn(msg, stacklevel=2)
+            warnings.warn(msg, stacklevel=3)  # points at the caller of train()
         every = self.config.run.eval_every
         evaluated = bool(every) and metrics["step"] % every == 0 and metrics["step"] < self.config.run.max_steps
         if evaluated:
