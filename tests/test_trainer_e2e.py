@@ -203,3 +203,19 @@ def test_trainer_state_and_learner_states_are_what_a_resumed_run_needs(tmp_path,
     resumed = [untimed(m) for m in second.train()]
     assert [m["step"] for m in resumed] == [3]
     assert resumed[0] == full[2]
+
+
+def test_a_peft_policy_trains_its_adapters_with_itself_as_reference(tmp_path):
+    peft = pytest.importorskip("peft")
+    from fastppo.tiny import tiny_qwen2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = peft.get_peft_model(tiny_qwen2(len(tok), seed=1), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = PPOTrainer(small_config(tmp_path, advantage="grpo", save_final=True), model, tok, vowels,
+                         train_prompts=PROMPTS)  # fmt: skip
+    assert trainer.reference.model is model  # adapters disabled, no copy
+    history = trainer.train()
+    assert history[-1]["grad_norm"] > 0 and history[-1]["rollout_logprob_diff"] < 1e-4
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()

@@ -50,7 +50,7 @@ from fastppo.trainer.loading import (
     resolve_device,
 )
 from fastppo.trainer.metrics import Mean, step_metrics
-from fastppo.trainer.models import LogProbHead, Reference
+from fastppo.trainer.models import LogProbHead, Reference, is_peft_model
 from fastppo.trainer.output import RunOutput
 from fastppo.trainer.rewards import RewardError, RewardModel, RewardShaper
 from fastppo.trainer.update import Learner, NonFiniteError, make_optimizer, make_scheduler, ppo_update
@@ -127,8 +127,9 @@ class PPOTrainer:
             disable_dropout(self.critic)
         self.learner = self._learner()
         self.stop_ids = None if r.ignore_eos else self._stop_ids()
+        # under PEFT the adapters live inside the base model's layers: generate with it directly
         self.generator = Generator(
-            self.policy,
+            self.policy.get_base_model() if is_peft_model(self.policy) else self.policy,
             max_batch_size=r.generation_batch_size or config.batch_size,
             max_length=limit + r.max_new_tokens,
             cuda_graphs="auto" if r.cuda_graphs is None else r.cuda_graphs,
