@@ -94,6 +94,7 @@ def test_negated_bool_optional_and_literal_and_lists():
         (["--rollout-batch-size", "6", "--num-minibatches", "4"], ["num_minibatches=4", "divide", "6"]),
         (["--num-minibatches", "2", "--micro-batch-size", "3"], ["micro_batch_size=3", "divide", "8"]),
         (["--model", "somewhere"], ["prompts is required"]),
+        (["--stop-token-ids", *"12345678"], ["stop_token_ids", "at most 7"]),
     ],
 )
 def test_bad_values_are_one_line_naming_the_field(capsys, argv, words):

@@ -376,6 +376,8 @@ class PPOConfig:
                 f"micro_batch_size={p.micro_batch_size} must divide the mini-batch size "
                 f"{self.batch_size} / num_minibatches {p.num_minibatches} = {self.minibatch_size}"
             )
+        if len(r.stop_token_ids) > 7:  # the Generator takes 8 stop ids, and the tokenizer's EOS is one
+            raise ValueError(f"stop_token_ids: at most 7 extra stop tokens, got {len(r.stop_token_ids)}")
         if r.ignore_eos and self.reward.missing_eos_penalty is not None:
             raise ValueError("missing_eos_penalty with ignore_eos=True would penalize every completion")
         if self.critic.critic_warmup_steps and p.advantage != "gae":

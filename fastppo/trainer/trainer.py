@@ -14,6 +14,13 @@ Each :meth:`PPOTrainer.step`:
 4. **update**: PPO epochs over mini-batches and micro-batches (:func:`ppo_update`);
 5. **log**: :meth:`_end_step`, the one place where a step ends: ``metrics.jsonl``, console, evaluation,
    callbacks (where checkpointing hooks in).
+
+What checkpointing builds on: :meth:`PPOTrainer.state_dict` / :meth:`~PPOTrainer.load_state_dict` (step,
+data position, every RNG, KL controller, reward normalizer) together with ``trainer.learner`` (the
+policy's :class:`LogProbHead`, the critic, their optimizers and schedulers); ``trainer.callbacks``
+(``fn(trainer, metrics)`` after each step); ``trainer.should_stop`` (ends :meth:`train` at the next step
+boundary, e.g. from a SIGTERM handler); :meth:`train` continues from ``step_count`` when it is not 0,
+appending to the run's files.
 """
 
 from __future__ import annotations
