@@ -1,0 +1,5 @@
+import sys
+
+from fastppo.bench import main
+
+sys.exit(main())
