@@ -2,8 +2,7 @@
 
 fastppo train [--config FILE.yaml] [--FIELD VALUE ...]  PPO on a Hugging Face model (no --model: the tiny demo)
 fastppo demo [--iterations N] [--device cpu|cuda]   the tiny demo run, end to end
-fastppo bench NAME [ARGS...]                        run bench/bench_NAME.py
-                                                    (gae, losses, logprobs, linear_logprobs, generate)
+fastppo bench [OPS...] [--quick] [--output F.json]  microbenchmarks vs TRL/OpenRLHF/verl (fastppo bench --help)
 fastppo compile-check [ARGS...]                     compile every kernel for sm_80/sm_90 (no GPU needed)
 fastppo info                                        versions, device, backend
 """
@@ -11,14 +10,7 @@ fastppo info                                        versions, device, backend
 from __future__ import annotations
 
 import argparse
-import pathlib
-import runpy
 import sys
-
-
-def _bench_dir() -> pathlib.Path:
-    # The benchmarks live beside the package in a source checkout (they are not installed).
-    return pathlib.Path(__file__).resolve().parents[1] / "bench"
 
 
 def _info() -> int:
@@ -81,8 +73,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="PPO training (fastppo train --help lists every option)", add_help=False)
     sub.add_parser("demo", help="the default demo: a tiny PPO run, end to end", add_help=False)
-    b = sub.add_parser("bench", help="run one benchmark script from bench/")
-    b.add_argument("name")
+    sub.add_parser("bench", help="microbenchmarks (fastppo bench --help lists every option)", add_help=False)
     sub.add_parser("compile-check", help="compile every kernel ahead of time", add_help=False)
     sub.add_parser("info", help="versions, device and backend")
     args, rest = p.parse_known_args(argv)
@@ -101,19 +92,9 @@ def main(argv=None) -> int:
         return cc_main(rest)
     if args.cmd == "info":
         return _info()
-    # bench
-    script = _bench_dir() / f"bench_{args.name}.py"
-    if not script.exists():
-        names = (
-            sorted(s.stem[len("bench_") :] for s in _bench_dir().glob("bench_*.py")) if _bench_dir().exists() else []
-        )
-        raise SystemExit(
-            f"fastppo bench: no benchmark named {args.name!r}; "
-            f"available: {names or 'none (run from a source checkout)'}"
-        )
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    from fastppo.bench import main as bench_main
+
+    return bench_main(rest)
 
 
 if __name__ == "__main__":
