@@ -154,14 +154,14 @@ def plot(run: dict, path) -> bool:
         labels.append(f"{op} {shape} {dtype} {pass_}\n({best['impl']})")
         for name, x in best["speedup"].items():
             series.setdefault(name, {})[len(labels) - 1] = x
-    fig, ax = plt.subplots(figsize=(10, 0.45 * max(len(labels), 4) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.45 * max(len(labels), 4) + 1.5))
     width = 0.8 / max(len(series), 1)
     for k, (name, points) in enumerate(sorted(series.items())):
         ys = sorted(points)
         ax.barh([y + k * width for y in ys], [points[y] for y in ys], height=width, label=name)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks([y + 0.4 - width / 2 for y in range(len(labels))], labels, fontsize=7)
+    ax.set_yticks([y + (len(series) - 1) * width / 2 for y in range(len(labels))], labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speed-up of fastppo over the baseline (x, log scale)")
     ax.set_title(f"{run['device']}: {run['device_name']}, {run['date']}", fontsize=9)
