@@ -98,7 +98,7 @@ if ((dry)); then
         [[ -f $f ]] || { echo "FAIL: test file $f does not exist"; status=1; }
     done
     # The bench steps must name real ops and implementations: list each plan for CUDA (builds no input).
-    for args in "logprobs" "linear_logprobs" "generate --impls $GEN_IMPLS" "losses advantages"; do
+    for args in "logprobs linear_logprobs losses advantages" "generate --impls $GEN_IMPLS"; do
         n=$($PY -m fastppo.bench --device cuda --list $args 2>&1 | grep -c -v skipped) \
             || { echo "FAIL: fastppo bench --list $args"; status=1; continue; }
         echo "  bench $args: $n benchmarks listed for CUDA"
