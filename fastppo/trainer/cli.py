@@ -8,6 +8,10 @@ Parsed by ``transformers.HfArgumentParser`` over the sections of :class:`PPOConf
 ``none``. Values come, lowest first, from the dataclass defaults, a preset (the built-in demo's, when
 no ``--model`` is given), ``--config FILE.yaml`` (nested by section or flat), then the flags. Every
 value is validated before anything loads; an error is one line naming the field.
+
+Exit status: 0 when the run ends, also when SIGTERM / SIGINT stopped it after a checkpoint (``--resume``
+continues it); 1 when a loss, reward or gradient became NaN / infinite (the last checkpoint is kept);
+2 for a bad flag, config or data.
 """
 
 from __future__ import annotations
@@ -132,7 +136,22 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
-    trainer.train()
+    return run(trainer)
+
+
+def run(trainer) -> int:
+    """``trainer.train()`` with the command line's exit status: a NaN / inf stop is one line naming the
+    step, the quantity and the checkpoint left to resume from, and status 1."""
+    from fastppo.trainer.checkpoint import latest_checkpoint
+    from fastppo.trainer.update import NonFiniteError
+
+    try:
+        trainer.train()
+    except NonFiniteError as e:
+        last = latest_checkpoint(trainer.config.run.output_dir)
+        kept = f"; the last checkpoint, {last}, is intact (--resume continues from it)" if last else ""
+        sys.stderr.write(f"{PROG}: error: {e}{kept}\n")
+        return 1
     return 0
 
 

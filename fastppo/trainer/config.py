@@ -246,10 +246,16 @@ class CriticConfig:
 @dataclass
 class RunConfig:
     _argument_group_name: ClassVar[str] = "run"
-    _bounds: ClassVar[dict] = {"max_steps": dict(ge=0), "eval_every": dict(ge=0), "log_every": dict(ge=1)}
+    _bounds: ClassVar[dict] = {
+        "max_steps": dict(ge=0),
+        "eval_every": dict(ge=0),
+        "log_every": dict(ge=1),
+        "save_every": dict(ge=0),
+        "keep_last": dict(ge=1),
+    }
 
     output_dir: str = "fastppo_output"
-    """Folder of config.yaml, metrics.jsonl, eval.jsonl, samples.jsonl and the final policy."""
+    """Folder of config.yaml, metrics.jsonl, eval.jsonl, samples.jsonl, checkpoints and the final policy."""
     max_steps: int = 100
     """Training steps (rollout + update)."""
     seed: int = 0
@@ -264,8 +270,16 @@ class RunConfig:
     """Show a progress bar with live reward, KL and tokens/s (only on a terminal)."""
     tensorboard: bool = False
     """Also write TensorBoard events into output_dir (needs the tensorboard package)."""
+    save_every: int = 50
+    """Write a checkpoint (output_dir/checkpoint-STEP: weights, optimizers, RNGs, ...) every this many steps
+    (0: only when the run is stopped early, e.g. by SIGTERM)."""
+    keep_last: int | None = 2
+    """Checkpoints kept: the newest ones (None: all); older ones are deleted once a new one is complete."""
     resume: bool = False
-    """Continue from the latest checkpoint in output_dir."""
+    """Continue from the latest complete checkpoint in output_dir (none: start at step 0). Without it, a run
+    starts the folder over: its files and checkpoints are replaced."""
+    handle_signals: bool = True
+    """On SIGTERM or SIGINT, finish the current step, write a checkpoint and stop (a second SIGINT stops at once)."""
     save_final: bool = True
     """Save the final policy (save_pretrained) and tokenizer into output_dir/final."""
 
@@ -390,8 +404,6 @@ class PPOConfig:
                 raise ValueError("prompts is required with model (a .jsonl or .txt file of training prompts)")
             if m.reward_model is None and m.reward_fn is None:
                 raise ValueError("a reward is required with model: give reward_model DIR or reward_fn module:function")
-        if self.run.resume:
-            raise ValueError("resume: checkpoints are not implemented yet in this version")
         return self
 
 

@@ -3,13 +3,19 @@
 ``output_dir/``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one object per step, keys as
 :data:`fastppo.trainer.metrics.METRICS`), ``eval.jsonl`` (one object per evaluation: ``step``,
 ``eval_reward_mean``, ...), ``samples.jsonl`` (every evaluated completion: ``step``, ``prompt``,
-``completion``, ``reward``), ``final/`` (the policy, ``save_pretrained``).
+``completion``, ``reward``), ``checkpoint-<step>/`` (:mod:`fastppo.trainer.checkpoint`), ``final/``
+(the policy, ``save_pretrained``).
+
+A run resumed at step ``s`` first cuts the three ``.jsonl`` files back to their records of steps ``<= s``
+(those a killed run wrote after its checkpoint go), then appends: the files of a resumed run are those of
+the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -36,28 +42,35 @@ def _json(obj) -> str:
 
 
 class RunOutput:
-    """Opens the files of a run (appending when ``resume``) and shows progress."""
+    """Opens the files of a run and shows progress. ``start_step > 0`` (a resumed run): the files are cut
+    back to that step, then appended to; ``last_eval_step`` is the step of the last evaluation kept (None: none)."""
 
-    def __init__(self, run, config, *, resume: bool = False):
+    def __init__(self, run, config, *, start_step: int = 0):
         self.dir = pathlib.Path(run.output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(self.dir / "config.yaml")
-        mode = "a" if resume else "w"
+        names = ("metrics", "eval", "samples")
+        self.last_eval_step = None
+        if start_step:
+            kept = {n: truncate_jsonl(self.dir / f"{n}.jsonl", start_step) for n in names}
+            self.last_eval_step = kept["eval"][-1]["step"] if kept["eval"] else None
         # open for the whole run (closed by close()): a line is flushed per record
-        self.files = {n: open(self.dir / f"{n}.jsonl", mode) for n in ("metrics", "eval", "samples")}  # noqa: SIM115
+        mode = "a" if start_step else "w"
+        self.files = {n: open(self.dir / f"{n}.jsonl", mode) for n in names}  # noqa: SIM115
         self.log_every = run.log_every
         self.bar = None
         if run.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=run.max_steps, desc="fastppo", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=run.max_steps, initial=start_step, desc="fastppo", unit="step", dynamic_ncols=True)
         self.tb = None
         if run.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ValueError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from e
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            # purge_step: a resumed run drops the events a killed run logged after its checkpoint
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self._header_shown = False
 
     def message(self, text: str) -> None:
@@ -99,6 +112,11 @@ class RunOutput:
         f.write(_json(obj) + "\n")
         f.flush()
 
+    def sync(self) -> None:
+        """Flush the files to the disk (before a checkpoint: the files never hold fewer steps than it)."""
+        for f in self.files.values():
+            os.fsync(f.fileno())
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()
@@ -106,6 +124,26 @@ class RunOutput:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_jsonl(path: pathlib.Path, step: int) -> list[dict]:
+    """Keep the records of ``path`` whose ``step`` is at most ``step`` (a line cut off by a kill goes too),
+    rewriting it atomically; returns them."""
+    if not path.exists():
+        return []
+    kept, lines = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(record)
+            lines.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    return kept
 
 
 def _cell(fmt: str, value) -> str:

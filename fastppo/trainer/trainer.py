@@ -13,14 +13,15 @@ Each :meth:`PPOTrainer.step`:
    per-token KL; token rewards; advantages (gae / grpo / rloo); the KL controller's update;
 4. **update**: PPO epochs over mini-batches and micro-batches (:func:`ppo_update`);
 5. **log**: :meth:`_end_step`, the one place where a step ends: ``metrics.jsonl``, console, evaluation,
-   callbacks (where checkpointing hooks in).
+   callbacks (``fn(trainer, metrics)``), checkpoint.
 
-What checkpointing builds on: :meth:`PPOTrainer.state_dict` / :meth:`~PPOTrainer.load_state_dict` (step,
-data position, every RNG, KL controller, reward normalizer) together with ``trainer.learner`` (the
-policy's :class:`LogProbHead`, the critic, their optimizers and schedulers); ``trainer.callbacks``
-(``fn(trainer, metrics)`` after each step); ``trainer.should_stop`` (ends :meth:`train` at the next step
-boundary, e.g. from a SIGTERM handler); :meth:`train` continues from ``step_count`` when it is not 0,
-appending to the run's files.
+Checkpoints (:mod:`fastppo.trainer.checkpoint`): every ``save_every`` steps, and at the step boundary
+after ``should_stop`` is set (by a callback, or by SIGTERM / SIGINT with ``handle_signals``), :meth:`_end_step`
+writes ``output_dir/checkpoint-<step>``: the weights of ``trainer.learner``'s modules, their optimizers
+and schedulers, and :meth:`PPOTrainer.state_dict` (step, data position, every RNG, KL controller, reward
+normalizer). With ``resume``, :meth:`train` loads the latest complete one and continues; the resumed
+run's metrics and files equal those of the uninterrupted run. A stopped run returns from :meth:`train`
+after its checkpoint, without the final evaluation and save (they come when a resumed run ends).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 
@@ -36,6 +40,7 @@ import torch
 from fastppo.advantages import masked_mean
 from fastppo.generation import Generator
 from fastppo.losses import kl_penalty
+from fastppo.trainer import checkpoint
 from fastppo.trainer.config import PPOConfig
 from fastppo.trainer.data import PromptSampler, read_prompts, tokenize_prompts
 from fastppo.trainer.experience import (
@@ -149,6 +154,7 @@ class PPOTrainer:
         self.history: list = []
         self.callbacks: list = []  # called as fn(trainer, metrics) at the end of every step
         self.should_stop = False  # set it (a signal handler, a callback) to end train() after this step
+        self.stop_reason = None  # the signal's name when a signal set should_stop
         self._kl_warned = False
         self.output = None
 
@@ -201,9 +207,14 @@ class PPOTrainer:
     # the loop
     # ---------------------------------------------------------------------------------------------
     def train(self) -> list:
-        """Evaluate, run ``max_steps`` steps, evaluate, save; returns the metrics of every step."""
+        """Evaluate, run ``max_steps`` steps, evaluate, save; returns the metrics of the steps it ran.
+        With ``resume``, first loads the latest checkpoint of ``output_dir``; a run stopped by
+        ``should_stop`` returns after the checkpoint of its last step."""
         cfg = self.config.run
-        self.output = RunOutput(cfg, self.config, resume=self.step_count > 0)
+        notes = self._start()
+        self.output = RunOutput(cfg, self.config, start_step=self.step_count)
+        for note in notes:
+            self.output.message(note)
         c, p = self.config, self.config.ppo
         micro = p.micro_batch_size or c.minibatch_size
         self.output.message(
@@ -211,14 +222,23 @@ class PPOTrainer:
             f"{c.batch_size} completions -> {p.num_minibatches} mini-batches of {c.minibatch_size} (one optimizer "
             f"step each) -> micro-batches of {micro}; {p.ppo_epochs} epochs; {cfg.max_steps} steps"
         )
+        self.should_stop, self.stop_reason = False, None
         try:
-            if self.step_count == 0:
-                self.evaluate()
-            last_eval = self.step_count
-            while self.step_count < cfg.max_steps and not self.should_stop:
-                metrics = self.step()
-                if self._end_step(metrics):
-                    last_eval = self.step_count
+            with self._signals():
+                if self.step_count == 0:
+                    self.evaluate()
+                    last_eval = 0
+                else:
+                    last_eval = self.output.last_eval_step
+                while self.step_count < cfg.max_steps and not self.should_stop:
+                    metrics = self.step()
+                    if self._end_step(metrics):
+                        last_eval = self.step_count
+            if self.step_count < cfg.max_steps:
+                by = f" by {self.stop_reason}" if self.stop_reason else ""
+                where = f"checkpoint saved to {self._saved}" if self.step_count else "nothing to save"
+                self.output.message(f"stopped{by} after step {self.step_count}: {where}; continue with --resume")
+                return self.history
             if last_eval != self.step_count:
                 self.evaluate()
             if cfg.save_final:
@@ -226,6 +246,57 @@ class PPOTrainer:
         finally:
             self.output.close()
         return self.history
+
+    def _start(self) -> list:
+        """Before a run's files open: resume from the latest checkpoint, or clear a fresh run's folder of
+        the checkpoints of an earlier run (they would be taken for this run's). Returns messages."""
+        cfg = self.config.run
+        self._saved = None
+        if self.step_count:  # state loaded by the caller, or a second train() call: just continue
+            return []
+        if cfg.resume:
+            folder = checkpoint.latest_checkpoint(cfg.output_dir)
+            if folder is None:
+                return [f"resume: no checkpoint in {cfg.output_dir}; starting at step 0"]
+            changes = checkpoint.config_changes(folder, self.config)
+            checkpoint.load_checkpoint(self, folder)
+            self._saved = folder
+            notes = [f"resumed from {folder} (step {self.step_count})"]
+            return notes + ([f"resume: config changed since the checkpoint: {'; '.join(changes)}"] if changes else [])
+        removed = checkpoint.remove_checkpoints(cfg.output_dir)
+        if not removed:
+            return []
+        names = ", ".join(p.name for p in removed)
+        return [f"new run in {cfg.output_dir}: removed an earlier run's checkpoints ({names}); --resume continues one"]
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGTERM and SIGINT set ``should_stop`` (a second SIGINT raises KeyboardInterrupt), for the
+        duration of the run; only in the main thread, and only with ``handle_signals``."""
+        if not self.config.run.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.should_stop and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.should_stop, self.stop_reason = True, self.stop_reason or name
+            print(f"fastppo: {name}: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def save_checkpoint(self) -> pathlib.Path:
+        """Write ``output_dir/checkpoint-<step>`` now (atomically; keeps the newest ``keep_last``)."""
+        if self.output is not None:
+            self.output.sync()
+        self._saved = checkpoint.save_checkpoint(self, keep_last=self.config.run.keep_last)
+        return self._saved
 
     def step(self) -> dict:
         """One rollout batch and its PPO update; returns the step's metrics (see fastppo.trainer.metrics)."""
@@ -343,8 +414,9 @@ class PPOTrainer:
         return step_metrics(self.step_count, roll, scores, components, exp, info, meter, times, self.device)
 
     def _end_step(self, metrics: dict) -> bool:
-        """The one place where a step ends: check, record, show, evaluate, run the callbacks.
-        Returns whether it evaluated."""
+        """The one place where a step ends: check, record, show, evaluate, run the callbacks, checkpoint.
+        Returns whether it evaluated. A non-finite metric raises before anything is written: the last
+        checkpoint stays the last good state."""
         for name in ("reward_mean", "policy_loss", "value_loss", "grad_norm"):
             if not (metrics[name] == metrics[name] and abs(metrics[name]) != float("inf")):
                 raise NonFiniteError(f"step {metrics['step']}: {name} is {metrics[name]}; stopping the run")
@@ -364,6 +436,9 @@ class PPOTrainer:
             self.evaluate()
         for callback in self.callbacks:
             callback(self, metrics)
+        save_every = self.config.run.save_every
+        if (save_every and metrics["step"] % save_every == 0) or self.should_stop:
+            self.save_checkpoint()
         return evaluated
 
     @torch.no_grad()
@@ -428,6 +503,7 @@ class PPOTrainer:
             "kl_warned": self._kl_warned,
             "rng": {
                 "python": random.getstate(),
+                "numpy": _numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "sample": self.sample_rng.get_state(),
@@ -443,11 +519,28 @@ class PPOTrainer:
         self._kl_warned = bool(state.get("kl_warned", False))
         rng = state["rng"]
         random.setstate(rng["python"])
+        _set_numpy_rng_state(rng.get("numpy"))
         torch.set_rng_state(rng["torch"])
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.sample_rng.set_state(rng["sample"])
         self.update_rng.set_state(rng["update"])
+
+
+def _numpy_rng_state():
+    """numpy's global RNG state as plain lists (None when numpy was never imported: nothing drew from it)."""
+    if "numpy" not in sys.modules:
+        return None
+    name, keys, pos, has_gauss, cached = sys.modules["numpy"].random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_rng_state(state) -> None:
+    if state is not None:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 @contextlib.contextmanager
