@@ -2,6 +2,7 @@
 
 fastppo train [--config FILE.yaml] [--FIELD VALUE ...]  PPO on a Hugging Face model (no --model: the tiny demo)
 fastppo demo [--iterations N] [--device cpu|cuda]   the tiny demo run, end to end
+fastppo plot DIR [--output FILE.png]                a PNG of a run's reward, eval reward, KL, entropy, length
 fastppo bench [OPS...] [--quick] [--output F.json]  microbenchmarks vs TRL/OpenRLHF/verl (fastppo bench --help)
 fastppo compile-check [ARGS...]                     compile every kernel for sm_80/sm_90 (no GPU needed)
 fastppo info                                        versions, device, backend
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="PPO training (fastppo train --help lists every option)", add_help=False)
     sub.add_parser("demo", help="the default demo: a tiny PPO run, end to end", add_help=False)
+    sub.add_parser("plot", help="plot a run's curves into DIR/plot.png (needs matplotlib)", add_help=False)
     sub.add_parser("bench", help="microbenchmarks (fastppo bench --help lists every option)", add_help=False)
     sub.add_parser("compile-check", help="compile every kernel ahead of time", add_help=False)
     sub.add_parser("info", help="versions, device and backend")
@@ -86,6 +88,10 @@ def main(argv=None) -> int:
         from fastppo.demo import main as demo_main
 
         return demo_main(rest)
+    if args.cmd == "plot":
+        from fastppo.trainer.plot import main as plot_main
+
+        return plot_main(rest)
     if args.cmd == "compile-check":
         from fastppo.kernels.compile_check import main as cc_main
 
