@@ -56,9 +56,9 @@ def _names(folder):
 
 
 def test_states_round_trip_through_json_and_tensors():
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1, betas=(0.9, 0.95))
-    opt.param_groups[0]["params"][0].grad = torch.ones(3)
-    opt.step()
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([param], lr=0.1, betas=(0.9, 0.95))
+    opt.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.randn(3), "exp_avg_sq": torch.rand(3)}
     state = {"opt": opt.state_dict(), "python": random.getstate(), "rng": [torch.get_rng_state()], "x": None}
     tensors = {}
     encoded = encode(state, tensors)

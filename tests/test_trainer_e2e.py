@@ -124,8 +124,11 @@ def test_fastppo_train_without_a_model_runs_the_builtin_preset(tmp_path, capsys)
     assert fastppo_main(argv) == 0
     assert len(read_jsonl(tmp_path / "demo" / "metrics.jsonl")) == 2
     assert [e["step"] for e in read_jsonl(tmp_path / "demo" / "eval.jsonl")] == [0, 2]
+    from fastppo.demo import PRESET
+
     cfg = PPOConfig.from_yaml(tmp_path / "demo" / "config.yaml")
-    assert cfg.ppo.learning_rate == 3e-4 and cfg.rollout.rollout_batch_size == 8  # preset, then the flags
+    assert PRESET["rollout_batch_size"] != 8  # the flag below must be seen to win
+    assert cfg.ppo.learning_rate == PRESET["learning_rate"] and cfg.rollout.rollout_batch_size == 8  # preset, flags
     assert "mean reward" in capsys.readouterr().out
 
 
