@@ -7,14 +7,15 @@
 * CPU: the same schedule timed with ``time.perf_counter`` (no cache flush), on the torch threads
   the process is configured with (``--threads``).
 
-Peak memory is what the timed calls add on top of what was allocated before them (their inputs
-included there): ``torch.cuda.max_memory_allocated`` on CUDA. On the CPU: the growth of the
-process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), with glibc told
-(``mallopt``) to map every allocation of 1 MiB or more afresh and to unmap it when freed, so that
-memory freed by an earlier call cannot hide a later call's peak; small allocations served from the
-heap are not seen. Where that cannot be set up (not Linux with glibc) the CPU figure is None. The
-setting stays for the process: CPU timings then include the page faults of fresh large buffers,
-for every implementation alike.
+Peak memory is what a call adds on top of what was allocated before it (its inputs included
+there). CUDA: ``torch.cuda.max_memory_allocated`` over the timed calls. CPU: one more call, untimed,
+in "memory mode": glibc told (``mallopt``) to map every allocation of 1 MiB or more afresh and to
+unmap it when freed, and its heap trimmed first, so that memory an earlier call freed cannot hide
+this call's peak; the figure is the growth of the process's peak resident set over that call
+(``VmHWM``, reset through ``/proc/self/clear_refs``). Small allocations served from the heap are
+not seen; where this cannot be set up (not Linux with glibc) the CPU figure is None. The timed
+calls run in "timing mode", fixed for the whole run: buffers up to 32 MiB are reused from the heap,
+as a long-running process settles to (fresh pages would make page faults the bulk of a CPU time).
 """
 
 from __future__ import annotations
@@ -69,16 +70,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@functools.cache
-def _exact_large_allocations() -> bool:
-    """Make glibc map allocations >= 1 MiB afresh and return them when freed (True if it could)."""
-    try:
+class _Glibc:
+    """glibc's allocator knobs (``<malloc.h>``), where there are: None elsewhere."""
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+    def __init__(self):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        self.mallopt, self.malloc_trim = libc.mallopt, libc.malloc_trim
+
+    def timing_mode(self) -> None:
+        """What a long-running process settles to: buffers up to 32 MiB reused from the heap."""
+        self.mallopt(self.M_MMAP_THRESHOLD, 32 << 20)
+        self.mallopt(self.M_TRIM_THRESHOLD, 256 << 20)
+
+    def memory_mode(self) -> bool:
+        """Buffers of 1 MiB or more mapped afresh and unmapped when freed; the heap trimmed now."""
+        ok = bool(self.mallopt(self.M_MMAP_THRESHOLD, 1 << 20)) and bool(self.mallopt(self.M_TRIM_THRESHOLD, 1 << 20))
+        self.malloc_trim(0)
+        return ok
+
+
+@functools.cache
+def _glibc() -> _Glibc | None:
+    try:
+        glibc = _Glibc()
     except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 1 << 20)) and bool(mallopt(m_trim_threshold, 1 << 20))
+        return None
+    glibc.timing_mode()  # fixed for the whole run, so that every row is timed under the same allocator
+    return glibc
 
 
 def _status_kib(key: str) -> int | None:
@@ -92,45 +112,30 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
-class _PeakMemory:
-    """Peak memory added between ``start()`` and ``stop()``, MiB."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.base = None
-
-    def start(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return
-        if not _exact_large_allocations():
-            self.base = None
-            return
-        try:  # Linux: "5" resets VmHWM to the current RSS
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.base = None
-            return
-        rss = _status_kib("VmRSS")
-        self.base = None if rss is None else rss * 1024
-
-    def stop(self) -> float | None:
-        if self.base is None:
-            return None
-        if self.device == "cuda":
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            hwm = _status_kib("VmHWM")
-            if hwm is None:
-                return None
-            peak = hwm * 1024
-        return max(0, peak - self.base) / 2**20
+def _cpu_peak_mb(fn: Callable[[], object]) -> float | None:
+    """Growth of the peak resident set over one call of ``fn``, in memory mode (module docstring)."""
+    glibc = _glibc()
+    if glibc is None or not glibc.memory_mode():
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM back to the current RSS
+            f.write("5")
+        base = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+    except OSError:
+        return None
+    finally:
+        glibc.timing_mode()
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) / 1024
 
 
 def measure(fn: Callable[[], object], device: str, settings: TimerSettings) -> Timing:
     """Time ``fn()`` on ``device`` ("cuda" or "cpu") as the module docstring says."""
+    if device != "cuda":
+        _glibc()
     fn()  # compiles, captures, allocates caches: never timed
     sync(device)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if device == "cuda" else None
@@ -143,9 +148,9 @@ def measure(fn: Callable[[], object], device: str, settings: TimerSettings) -> T
             fn()
         sync(device)
 
-    memory = _PeakMemory(device)
-    memory.start()
     if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
             flush.zero_()
@@ -154,13 +159,14 @@ def measure(fn: Callable[[], object], device: str, settings: TimerSettings) -> T
             end.record()
         sync(device)
         times = [s.elapsed_time(e) for s, e in events]
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
-    peak = memory.stop()
+        peak = _cpu_peak_mb(fn)
     return Timing(time_ms=statistics.median(times), reps=reps, peak_mem_mb=peak)
 
 
