@@ -1,74 +1,211 @@
-"""The tiny built-in run: a preset of :class:`fastppo.PPOTrainer` that learns on a CPU in seconds.
+"""The built-in demo: a miniature of the whole RLHF loop on a tiny model, in about two minutes on a CPU.
 
-    python -m fastppo.demo [--iterations 80] [--device auto|cpu|cuda] [--seed 0] [--help]
-    fastppo train                       # the same preset through the trainer's command line
+    fastppo train                                   # the demo through the trainer's command line
+    fastppo train --max-steps 20 --output-dir out   # any PPOConfig flag changes its PPO stage
+    python -m fastppo.demo [--iterations 40] [--sft-examples 800] [--rm-pairs 4000] [--help]
 
-A random tiny Qwen2-style policy (built from a config, tokenizer made in code: nothing is downloaded)
-learns to write vowels: the reward function gives each completion the fraction of its characters that
-are vowels. Every step of the trainer rolls out with ``fastppo.Generator``, puts the score on each
-completion's last token with a k1 KL penalty to the frozen initial policy on every token, computes GAE
-advantages with a critic (a second tiny transformer with a zero-initialised scalar head), and runs PPO
-epochs with log-probs from hidden states (``fastppo.linear_logprobs_and_entropy``: no ``[N, V]``
-logits), ``fastppo.policy_loss`` and ``fastppo.value_loss``. The mean reward rises from about 0.1 (the
-random policy) to about 0.6 in 60 iterations.
+Nothing is downloaded: the policy and the reward model are tiny Qwen2 models built from a config with
+a char-level tokenizer made in code (:mod:`fastppo.tiny`). The task (:mod:`fastppo.trainer.demo_task`)
+is *sort the letters of a word* (``"sort dbca: "`` -> ``"abcd"``), whose true score (edit similarity to
+the answer) we can compute, so the demo shows what RLHF optimises and what it is meant to achieve:
+
+1. **SFT warm-up** (:func:`fastppo.trainer.sft.sft`) of the random policy on demonstrations: it learns
+   the format and part of the skill;
+2. **reward model** (:func:`fastppo.trainer.reward_model.train_reward_model`): a tiny
+   ``Qwen2ForSequenceClassification`` (``num_labels=1``) trained with the Bradley–Terry loss on
+   synthetic preference pairs; its held-out pair accuracy is reported. It never sees the rule;
+3. **PPO** (:class:`fastppo.PPOTrainer`) of the warm-up policy against the reward model's score, with a
+   KL penalty to the frozen warm-up policy (the reference) and a critic initialised from the reward model;
+4. **evaluation** on held-out prompts (letter sets never seen in training) by the true score and by the
+   reward model's score, before and after PPO, with sample completions.
+
+The run's files (``metrics.jsonl``, ``eval.jsonl``, ``samples.jsonl``, the final model) go to
+``output_dir``, and ``plot.png`` when matplotlib is installed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pathlib
 import tempfile
+import time
 
-VOWELS = "aeiouAEIOU"
-PROMPTS = ["Say it: ", "Sing ", "Once upon a time", "x=", "Hello", "Q: why? A:", "la la ", "1 2 3 "]
-EVAL_PROMPTS = ["Hey ", "Tell me: ", "Go", "OK then", "A:", "tra la ", "7 8 9 ", "Why"]
+from fastppo.trainer import demo_task as task
 
-# The preset's values of PPOConfig fields (``fastppo train`` without --model starts from these)
+# The demo's values of PPOConfig fields (``fastppo train`` without --model starts from these; flags override)
 PRESET = dict(
-    rollout_batch_size=32,
-    max_new_tokens=16,
+    rollout_batch_size=64,
+    max_new_tokens=task.MAX_NEW_TOKENS,
     ppo_epochs=2,
     num_minibatches=2,
     learning_rate=3e-4,
     critic_learning_rate=3e-4,
     kl_coef=0.02,
-    vf_coef=0.5,
-    max_steps=80,
-    eval_every=20,
+    normalize_reward=True,
+    missing_eos_penalty=1.0,
+    max_steps=40,
+    eval_every=10,
     output_dir="fastppo_demo",
 )
 
 
 @dataclasses.dataclass
-class DemoConfig:
-    iterations: int = 80
-    """PPO iterations (rollout + update)."""
-    batch_size: int = 32
-    """Prompts per rollout (drawn from a fixed list, each epoch in a new order)."""
-    max_new_tokens: int = 16
-    """Completion length; an EOS token ends a row earlier."""
-    temperature: float = 1.0
-    """Sampling temperature; training log-probs use the same one."""
-    ppo_epochs: int = 2
-    """Passes over each rollout batch."""
-    minibatches: int = 2
-    """Mini-batches per epoch (one optimizer step each)."""
-    lr: float = 3e-4
-    """AdamW learning rate of the policy and of the critic."""
-    kl_coef: float = 0.02
-    """Weight of the per-token k1 KL penalty to the reference policy in the reward."""
-    clip: float = 0.2
-    """PPO ratio clip (clip_low = clip_high) and value clip."""
-    vf_coef: float = 0.5
-    """Weight of the value loss."""
-    ent_coef: float = 0.0
-    """Weight of the entropy bonus."""
-    gamma: float = 1.0
-    """GAE discount."""
-    lam: float = 0.95
-    """GAE lambda."""
+class DemoSizes:
+    """The sizes of the stages other than PPO (whose sizes are PPOConfig's)."""
+
+    sft_examples: int = 800
+    """Demonstrations for the warm-up (one epoch): few enough that PPO has room to improve."""
+    sft_lr: float = 3e-3
+    """Peak learning rate of the warm-up."""
+    rm_pairs: int = 4000
+    """Preference pairs for the reward model (one epoch)."""
+    rm_eval_pairs: int = 500
+    """Held-out preference pairs (eval letter sets) for the reward model's pair accuracy."""
+    rm_lr: float = 1e-3
+    """Peak learning rate of the reward model."""
+    rm_from_policy: bool = False
+    """Initialise the reward model from the warm-up policy (its body, and a zero scalar head), as InstructGPT
+    does: it starts out knowing the task's text; else from random weights."""
+    train_prompts: int = 512
+    """PPO's training prompts."""
+    eval_prompts: int = 64
+    """Held-out prompts for the before / after evaluation."""
+    samples_shown: int = 4
+    """Sample completions printed before and after PPO."""
+
+
+def _evaluate(policy, tok, rm, prompts, seed) -> dict:
+    from fastppo.trainer.reward_model import score_texts
+
+    result = task.evaluate_policy(policy, tok, prompts, seed=seed)
+    result["rm_score"] = score_texts(rm, tok, prompts, result["completions"]).mean().item()
+    return result
+
+
+def pipeline(config, sizes: DemoSizes | None = None, *, log=print) -> dict:
+    """Run the four stages with ``config`` (a :class:`PPOConfig`, for PPO) and ``sizes``; returns
+    ``{"seconds": {stage: s}, "rm_eval_accuracy", "before": {...}, "after": {...}, "history": [...]}``
+    where ``before`` / ``after`` are ``{"true_score", "exact", "rm_score", "completions"}`` on the held-out prompts."""
+    from fastppo.tiny import tiny_qwen2, tiny_reward_model, tiny_tokenizer
+    from fastppo.trainer import PPOTrainer
+    from fastppo.trainer.reward_model import RewardModelConfig, reward_model_from_policy, train_reward_model
+    from fastppo.trainer.sft import SFTConfig, sft
+
+    sizes = sizes or DemoSizes()
+    seed = config.run.seed
+    tok = tiny_tokenizer()
+    eval_prompts = task.make_prompts(sizes.eval_prompts, seed + 1, split="eval")
+    seconds, report = {}, {}
+
+    t = time.perf_counter()
+    policy = tiny_qwen2(len(tok), seed=seed)
+    res = sft(policy, tok, task.demonstrations(sizes.sft_examples, seed), config=SFTConfig(lr=sizes.sft_lr, seed=seed))
+    seconds["sft"] = time.perf_counter() - t
+    log(
+        f"[1/4] SFT warm-up: {res.steps} steps on {sizes.sft_examples} demonstrations, "
+        f"loss {res.losses[0]:.2f} -> {res.losses[-1]:.2f} nats/token ({seconds['sft']:.1f}s)"
+    )
+
+    t = time.perf_counter()
+    rm = reward_model_from_policy(policy) if sizes.rm_from_policy else tiny_reward_model(len(tok), seed=seed + 1)
+    rm_res = train_reward_model(
+        rm,
+        tok,
+        task.preference_pairs(sizes.rm_pairs, seed + 2),
+        config=RewardModelConfig(lr=sizes.rm_lr, seed=seed),
+        eval_pairs=task.preference_pairs(sizes.rm_eval_pairs, seed + 3, split="eval"),
+    )
+    seconds["reward_model"] = time.perf_counter() - t
+    report["rm_eval_accuracy"] = rm_res.eval_accuracy
+    log(
+        f"[2/4] reward model: {rm_res.steps} Bradley-Terry steps on {sizes.rm_pairs} preference pairs, "
+        f"pair accuracy train {rm_res.train_accuracy:.3f}, held-out {rm_res.eval_accuracy:.3f} "
+        f"({seconds['reward_model']:.1f}s)"
+    )
+
+    t = time.perf_counter()
+    report["before"] = _evaluate(policy, tok, rm, eval_prompts, seed)
+    trainer = PPOTrainer(
+        config,
+        policy,
+        tok,
+        rm,
+        train_prompts=task.make_prompts(sizes.train_prompts, seed),
+        eval_prompts=eval_prompts,
+    )
+    log(f"[3/4] PPO against the reward model, KL leash to the warm-up policy: {config.run.max_steps} steps")
+    report["history"] = trainer.train()
+    seconds["ppo"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report["after"] = _evaluate(trainer.policy, tok, rm, eval_prompts, seed)
+    seconds["eval"] = time.perf_counter() - t
+    b, a = report["before"], report["after"]
+    log(f"[4/4] held-out prompts ({len(eval_prompts)}, letter sets never trained on), sampled at temperature 1:")
+    log(f"      {'':14} {'true score':>10} {'exact':>7} {'RM score':>9}")
+    for name, r in (("after SFT", b), ("after PPO", a)):
+        log(f"      {name:14} {r['true_score']:10.3f} {r['exact']:7.1%} {r['rm_score']:9.3f}")
+    for p, cb, ca in list(zip(eval_prompts, b["completions"], a["completions"]))[: sizes.samples_shown]:
+        log(f"      {p!r}: {cb!r} -> {ca!r}   (answer {task.answer(p)!r})")
+    report["seconds"] = seconds
+    plot = _plot(config.run.output_dir)
+    log(
+        "stages: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+        + f"; files in {config.run.output_dir}/"
+        + (f", plot {plot}" if plot else "")
+    )
+    return report
+
+
+def _plot(output_dir):
+    """``output_dir/plot.png`` when the plotter and matplotlib are available, else None (silently)."""
+    try:
+        import matplotlib  # noqa: F401
+
+        from fastppo.trainer.plot import plot_run
+    except ImportError:
+        return None
+    return plot_run(output_dir, pathlib.Path(output_dir) / "plot.png")
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: str):
+    """One intra-op thread on a CPU run: the tiny models' matmuls are too small to gain from threads,
+    and two threads on a shared 2-core machine oversubscribe it (measured 3x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_preset(config) -> int:
+    """``fastppo train`` without ``--model``: the demo; ``config`` (``PRESET`` under the flags) is its PPO stage's."""
+    print(
+        f"fastppo train: no --model given, running the built-in demo (RLHF in miniature) into {config.run.output_dir}/"
+    )
+    pipeline(config)
+    return 0
+
+
+@dataclasses.dataclass
+class DemoConfig(DemoSizes):
+    """``python -m fastppo.demo``: the stages' sizes and the most useful PPO knobs."""
+
+    iterations: int = PRESET["max_steps"]
+    """PPO steps (rollout + update): PPOConfig.max_steps."""
+    batch_size: int = PRESET["rollout_batch_size"]
+    """Prompts per PPO rollout."""
+    kl_coef: float = PRESET["kl_coef"]
+    """Weight of the per-token KL penalty to the warm-up policy."""
     seed: int = 0
-    """Seeds the models' initial weights, prompt order and generation."""
+    """Seeds every stage."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
     output_dir: str | None = None
@@ -82,78 +219,23 @@ class DemoConfig:
                 PRESET,
                 max_steps=self.iterations,
                 rollout_batch_size=self.batch_size,
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
-                ppo_epochs=self.ppo_epochs,
-                num_minibatches=self.minibatches,
-                learning_rate=self.lr,
-                critic_learning_rate=self.lr,
                 kl_coef=self.kl_coef,
-                clip_low=self.clip,
-                vf_clip=self.clip,
-                vf_coef=self.vf_coef,
-                ent_coef=self.ent_coef,
-                gamma=self.gamma,
-                lam=self.lam,
                 seed=self.seed,
                 device=self.device,
                 output_dir=output_dir,
-                eval_every=0,
-                save_final=False,
                 progress_bar=False,
             )
-        )
+        ).validate()
+
+    def sizes(self) -> DemoSizes:
+        return DemoSizes(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DemoSizes)})
 
 
-def vowel_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
-    """Fraction of each completion's characters that are vowels (0 for an empty completion)."""
-    return [sum(c in VOWELS for c in t) / max(len(t), 1) for t in completions]
-
-
-def build(config, *, eval_prompts=None):
-    """A :class:`fastppo.PPOTrainer` on the tiny task: policy, critic and tokenizer built in code."""
-    from fastppo.tiny import tiny_qwen2, tiny_tokenizer
-    from fastppo.trainer import PPOTrainer, ValueModel
-
-    tok = tiny_tokenizer()
-    seed = config.run.seed
-    policy = tiny_qwen2(len(tok), seed=seed)
-    critic = ValueModel(tiny_qwen2(len(tok), seed=seed + 1).model, policy.config.hidden_size)
-    return PPOTrainer(
-        config, policy, tok, vowel_reward, critic=critic, train_prompts=PROMPTS, eval_prompts=eval_prompts
-    )
-
-
-def _summary(history: list, key: str = "score_mean") -> str:
-    k = max(1, min(5, len(history) // 3))
-    first = sum(h[key] for h in history[:k]) / k
-    last = sum(h[key] for h in history[-k:]) / k
-    return f"mean reward: first {k} iterations {first:.3f} -> last {k} iterations {last:.3f}"
-
-
-def run(cfg: DemoConfig) -> list[dict]:
-    """Train with ``cfg``; returns the trainer's metrics per step, each with ``reward`` = its ``score_mean``."""
-    with tempfile.TemporaryDirectory() if cfg.output_dir is None else contextlib.nullcontext(cfg.output_dir) as out:
-        trainer = build(cfg.ppo_config(out))
-        print(
-            f"fastppo demo: tiny Qwen2 policy ({sum(p.numel() for p in trainer.policy.parameters()) / 1e3:.0f}k "
-            f"params) on {trainer.device}, {cfg.iterations} iterations x {cfg.batch_size} rollouts"
-        )
-        history = trainer.train()
-    for h in history:
-        h["reward"] = h["score_mean"]
-    print(_summary(history))
-    return history
-
-
-def run_preset(config) -> int:
-    """``fastppo train`` without ``--model``: the tiny task with ``config`` (``PRESET`` under the flags)."""
-    trainer = build(config, eval_prompts=EVAL_PROMPTS)
-    print(f"fastppo train: no --model given, running the built-in tiny demo into {config.run.output_dir}/")
-    history = trainer.train()
-    if history:
-        print(_summary(history))
-    return 0
+def run(cfg: DemoConfig, *, log=print) -> dict:
+    """The demo with ``cfg``; returns :func:`pipeline`'s report."""
+    folder = tempfile.TemporaryDirectory() if cfg.output_dir is None else contextlib.nullcontext(cfg.output_dir)
+    with folder as out, _one_cpu_thread(cfg.device):
+        return pipeline(cfg.ppo_config(out), cfg.sizes(), log=log)
 
 
 def main(argv=None) -> int:
@@ -162,9 +244,10 @@ def main(argv=None) -> int:
     from fastppo.trainer.config import field_docs
 
     parser = HfArgumentParser(DemoConfig, prog="python -m fastppo.demo", description=__doc__.splitlines()[0])
+    docs = {**field_docs(DemoSizes), **field_docs(DemoConfig)}
     for action in parser._actions:
-        if action.dest in field_docs(DemoConfig):
-            action.help = field_docs(DemoConfig)[action.dest]
+        if action.dest in docs:
+            action.help = docs[action.dest]
     (cfg,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     run(cfg)
     return 0
