@@ -154,7 +154,7 @@ def test_report_summary_table():
     text = report.markdown([_toy_run()])
     assert "### cpu: Test CPU (2 cores), 2026-12-01" in text
     assert "copy 10 GB/s" in text
-    assert "| gae | B=1 T=2 | float32 | fwd | fastppo-torch | 2 | 4 GB/s | 40.0% | 2.50x trl |" in text
+    assert "| gae | B=1 T=2 | float32 | fwd | fastppo-torch | 2 | 4 GB/s | 40.0% | 2.50x trl | 1 (trl 1) |" in text
     assert "trl: TRL 1.12.0 trl/x.py: gae" in text
     assert "Not run: fastppo-triton (CUDA only)." in text
 

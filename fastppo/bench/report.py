@@ -5,9 +5,10 @@
     python -m fastppo.bench.report FILE.json --markdown OUT.md --plot OUT.png
 
 Summary: one line per op, shape, dtype and pass: the fastest fastppo implementation, its time,
-achieved rate and fraction of the peak measured in the same run, and its speed-up over each
-baseline. Full: every row, with peak memory and the largest difference from the reference. Both
-end with what each baseline is (project, file, version) and what was not run, and why.
+achieved rate and fraction of the peak measured in the same run, its speed-up over each baseline,
+and its peak memory beside the baselines'. Full: every row, with peak memory and the largest
+difference from the reference. Both end with what each baseline is (project, file, version) and
+what was not run, and why.
 """
 
 from __future__ import annotations
@@ -75,10 +76,21 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+def _baseline_memory(best: dict, rows: list[dict]) -> str:
+    """``145 (trl 1840, verl 1920)``: the row's peak MiB, then each timed baseline's."""
+    if best.get("peak_mem_mb") is None:
+        return "-"
+    others = ", ".join(
+        f"{r['impl']} {_num(r['peak_mem_mb'])}" for r in rows if r["baseline"] and r.get("peak_mem_mb") is not None
+    )
+    return f"{_num(best['peak_mem_mb'])} ({others})" if others else _num(best["peak_mem_mb"])
+
+
 def summary_table(run: dict) -> str:
     lines = [
-        "| op | shape | dtype | pass | fastppo | ms | achieved | of peak | speed-up over the baselines |",
-        "|---|---|---|---|---|---:|---:|---:|---|",
+        "| op | shape | dtype | pass | fastppo | ms | achieved | of peak | speed-up over the baselines "
+        "| peak MiB (baselines') |",
+        "|---|---|---|---|---|---:|---:|---:|---|---|",
     ]
     for (op, shape, dtype, pass_), rows in _groups(run["rows"]).items():
         ours = [r for r in rows if not r["baseline"] and r.get("time_ms")]
@@ -87,7 +99,7 @@ def summary_table(run: dict) -> str:
         best = min(ours, key=lambda r: r["time_ms"])
         lines.append(
             f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} | {_num(best['time_ms'])} | "
-            f"{_achieved(best)} | {_fraction(best)} | {_speedups(best)} |"
+            f"{_achieved(best)} | {_fraction(best)} | {_speedups(best)} | {_baseline_memory(best, rows)} |"
         )
     return "\n".join(lines) + "\n"
 
