@@ -23,6 +23,8 @@ from fastppo.trainer import (
     compute_advantages,
     token_rewards,
 )
+from fastppo.trainer.reward_model import RewardModelConfig, score_texts, train_reward_model
+from fastppo.trainer.sft import SFTConfig, sft
 
 __all__ = [
     "AdaptiveKLController",
@@ -33,6 +35,8 @@ __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "Reference",
+    "RewardModelConfig",
+    "SFTConfig",
     "ValueModel",
     "completion_logprobs",
     "compute_advantages",
@@ -45,7 +49,10 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "policy_loss",
+    "score_texts",
+    "sft",
     "token_rewards",
+    "train_reward_model",
     "use_backend",
     "value_loss",
 ]
