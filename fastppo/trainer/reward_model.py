@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from fastppo._checks import check_bool, check_number
-from fastppo.trainer.sft import check_pretrained, fill_id, make_optimizer, pad_left, position_ids, read_records
+from fastppo.trainer.experience import pad_left
+from fastppo.trainer.models import position_ids
+from fastppo.trainer.sft import check_pretrained, fill_id, make_optimizer, read_records
 
 _PAIR = ("prompt", "chosen", "rejected")
 

@@ -27,6 +27,8 @@ import torch
 
 import fastppo
 from fastppo._checks import check_bool, check_number
+from fastppo.trainer.experience import pad_left
+from fastppo.trainer.models import position_ids
 
 
 @dataclass
@@ -107,23 +109,6 @@ def read_records(name: str, data, fields: tuple[str, ...]) -> list[tuple[str, ..
                 raise TypeError(f"{name}[{i}].{f} must be a str, got {type(v).__name__}")
         out.append(values)
     return out
-
-
-def pad_left(rows: list[list[int]], fill: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(input_ids int64 [B, L], attention_mask int64 [B, L])`` (L = longest row)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token = number of real tokens before it (0 on left padding), ``[B, L]`` int64."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def fill_id(tokenizer) -> int:
