@@ -64,6 +64,7 @@ from fastppo.trainer.loading import (
 from fastppo.trainer.metrics import Mean, step_metrics
 from fastppo.trainer.models import LogProbHead, Reference, is_peft_model
 from fastppo.trainer.output import RunOutput
+from fastppo.trainer.phases import phase
 from fastppo.trainer.rewards import RewardError, RewardModel, RewardShaper
 from fastppo.trainer.update import Learner, NonFiniteError, make_optimizer, make_scheduler, ppo_update
 
@@ -303,16 +304,17 @@ class PPOTrainer:
         times, t0 = {}, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with _timer(times, "rollout", self.device):
-            roll = self._rollout(
-                self.sampler.next(), self.sample_rng, do_sample=True, samples=self.config.rollout.samples_per_prompt
-            )
-        with _timer(times, "score", self.device):
-            scores, components = self._score(roll)
-        with _timer(times, "prepare", self.device):
-            exp, info = self._prepare(roll, scores)
-        with _timer(times, "train", self.device):
-            meter = self._update(exp, info["kl_coef"])
+        with phase("step"):
+            with _timer(times, "rollout", self.device), phase("gen"):
+                roll = self._rollout(
+                    self.sampler.next(), self.sample_rng, do_sample=True, samples=self.config.rollout.samples_per_prompt
+                )
+            with _timer(times, "score", self.device), phase("reward"):
+                scores, components = self._score(roll)
+            with _timer(times, "prepare", self.device):
+                exp, info = self._prepare(roll, scores)
+            with _timer(times, "train", self.device):
+                meter = self._update(exp, info["kl_coef"])
         times["step"] = time.perf_counter() - t0
         self.step_count += 1
         return self._metrics(roll, scores, components, exp, info, meter, times)
@@ -349,24 +351,32 @@ class PPOTrainer:
 
     @torch.no_grad()
     def _prepare(self, roll, scores):
+        """Old-policy, reference and critic passes over ``roll`` (in micro-batches), then the advantages
+        of the ``scores`` [B] once shaped: the :class:`Experience` of the update and its metrics."""
+        cfg = self.config
+        seq, attn, cmask, P = roll.sequences, roll.attention_mask, roll.completion_mask, roll.prompt_length
+        n = cfg.ppo.micro_batch_size or len(seq)
+        chunks = [((seq[i : i + n], attn[i : i + n], P), cmask[i : i + n]) for i in range(0, len(seq), n)]
+        temperature = cfg.rollout.temperature
+        ref = values = None
+        with self._autocast()():
+            with phase("old_log_prob"):
+                out = [self.head(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
+                lp, ent = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+            if self.reference is not None:
+                with phase("ref"):
+                    parts = [self.reference.logprobs(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
+                    ref = torch.cat(parts)
+            if self.critic is not None:
+                with phase("values"):
+                    values = torch.cat([self.critic(*a) for a, _ in chunks])
+        with phase("adv"):
+            return self._advantages(roll, scores, lp, ent, ref, values)
+
+    def _advantages(self, roll, scores, lp, ent, ref, values):
         cfg = self.config
         shaped = self.shaper(scores, roll.ended.cpu()).to(self.device)
         seq, attn, cmask, P = roll.sequences, roll.attention_mask, roll.completion_mask, roll.prompt_length
-        n = cfg.ppo.micro_batch_size or len(seq)
-        lp, ent, ref, values = [], [], [], []
-        with self._autocast()():
-            for i in range(0, len(seq), n):
-                args = (seq[i : i + n], attn[i : i + n], P)
-                m = cmask[i : i + n]
-                a, b = self.head(*args, completion_mask=m, temperature=cfg.rollout.temperature)
-                lp.append(a), ent.append(b)
-                if self.reference is not None:
-                    ref.append(self.reference.logprobs(*args, completion_mask=m, temperature=cfg.rollout.temperature))
-                if self.critic is not None:
-                    values.append(self.critic(*args))
-        lp, ent = torch.cat(lp), torch.cat(ent)
-        ref = torch.cat(ref) if ref else None
-        values = torch.cat(values) if values else None
         kl = kl_penalty(lp, ref, kind=cfg.kl.kl_estimator, mask=cmask) if ref is not None else None
         coef = self.kl_controller.value
         in_reward = kl if cfg.kl.kl_mode == "reward" else None

@@ -17,6 +17,7 @@ import torch
 from fastppo.losses import kl_penalty, policy_loss, value_loss
 from fastppo.reference.common import masked_sum
 from fastppo.trainer.metrics import Mean
+from fastppo.trainer.phases import phase
 
 
 class NonFiniteError(FloatingPointError):
@@ -114,53 +115,67 @@ def ppo_update(
 
 def _micro_step(part, learner, config, norm, n_tok, meter, train_policy, kl_coef, autocast) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its [policy loss, value loss, approx_kl] token-sums."""
-    p, out = config.ppo, torch.zeros(3, device=part.sequences.device)
-    m = part.completion_mask
-    n = m.sum().float()
+    out = torch.zeros(3, device=part.sequences.device)
     if train_policy:
-        with autocast():
-            lp, ent = learner.policy(
-                part.sequences,
-                part.attention_mask,
-                part.prompt_length,
-                completion_mask=m,
-                temperature=config.rollout.temperature,
-                entropy=p.ent_coef > 0,
-            )
-        pg, st = policy_loss(
-            lp,
-            part.logprobs,
-            part.advantages,
-            m,
-            clip_low=p.clip_low,
-            clip_high=p.clip_high,
-            dual_clip=p.dual_clip,
-            agg=p.loss_agg,
-            normalizer=norm,
-        )
-        loss = pg
-        if p.ent_coef > 0:
-            loss = loss - p.ent_coef * masked_sum(ent, m) / n_tok
-        if config.kl.kl_mode == "loss" and part.ref_logprobs is not None and kl_coef > 0:
-            kl = kl_penalty(lp, part.ref_logprobs, kind=config.kl.kl_estimator, mask=m)
-            loss = loss + kl_coef * masked_sum(kl, m) / n_tok
-        loss.backward()
-        meter.add_sum("policy_loss", pg.detach() * norm, _count(m, p.loss_agg))
-        for name in ("clip_frac", "approx_kl"):
-            meter.add(name, st[name], n)
-        meter.max("ratio_max", st["ratio_max"])
-        out[0], out[2] = pg.detach() * norm, st["approx_kl"] * n
+        with phase("update_actor"):
+            out[0], out[2] = _policy_micro_step(part, learner, config, norm, n_tok, meter, kl_coef, autocast)
     if learner.critic is not None:
-        with autocast():
-            values = learner.critic(part.sequences, part.attention_mask, part.prompt_length)
-        vl, vst = value_loss(
-            values, part.values, part.returns, m, clip=config.critic.vf_clip, agg=p.loss_agg, normalizer=norm
-        )
-        (config.critic.vf_coef * vl).backward()
-        meter.add_sum("value_loss", vl.detach() * norm, _count(m, p.loss_agg))
-        meter.add("value_clip_frac", vst["clip_frac"], n)
-        out[1] = vl.detach() * norm
+        with phase("update_critic"):
+            out[1] = _critic_micro_step(part, learner, config, norm, meter, autocast)
     return out
+
+
+def _policy_micro_step(part, learner, config, norm, n_tok, meter, kl_coef, autocast):
+    """The policy's forward and backward; returns its (policy loss, approx_kl) token-sums."""
+    p, m = config.ppo, part.completion_mask
+    n = m.sum().float()
+    with autocast():
+        lp, ent = learner.policy(
+            part.sequences,
+            part.attention_mask,
+            part.prompt_length,
+            completion_mask=m,
+            temperature=config.rollout.temperature,
+            entropy=p.ent_coef > 0,
+        )
+    pg, st = policy_loss(
+        lp,
+        part.logprobs,
+        part.advantages,
+        m,
+        clip_low=p.clip_low,
+        clip_high=p.clip_high,
+        dual_clip=p.dual_clip,
+        agg=p.loss_agg,
+        normalizer=norm,
+    )
+    loss = pg
+    if p.ent_coef > 0:
+        loss = loss - p.ent_coef * masked_sum(ent, m) / n_tok
+    if config.kl.kl_mode == "loss" and part.ref_logprobs is not None and kl_coef > 0:
+        kl = kl_penalty(lp, part.ref_logprobs, kind=config.kl.kl_estimator, mask=m)
+        loss = loss + kl_coef * masked_sum(kl, m) / n_tok
+    loss.backward()
+    meter.add_sum("policy_loss", pg.detach() * norm, _count(m, p.loss_agg))
+    for name in ("clip_frac", "approx_kl"):
+        meter.add(name, st[name], n)
+    meter.max("ratio_max", st["ratio_max"])
+    return pg.detach() * norm, st["approx_kl"] * n
+
+
+def _critic_micro_step(part, learner, config, norm, meter, autocast):
+    """The critic's forward and backward; returns its value-loss token-sum."""
+    p, m = config.ppo, part.completion_mask
+    n = m.sum().float()
+    with autocast():
+        values = learner.critic(part.sequences, part.attention_mask, part.prompt_length)
+    vl, vst = value_loss(
+        values, part.values, part.returns, m, clip=config.critic.vf_clip, agg=p.loss_agg, normalizer=norm
+    )
+    (config.critic.vf_coef * vl).backward()
+    meter.add_sum("value_loss", vl.detach() * norm, _count(m, p.loss_agg))
+    meter.add("value_clip_frac", vst["clip_frac"], n)
+    return vl.detach() * norm
 
 
 def _count(mask: torch.Tensor, agg: str) -> torch.Tensor:
@@ -188,9 +203,10 @@ def _clip_gradients(learner: Learner, max_norm, train_policy: bool) -> dict:
 
 
 def _step_optimizers(learner: Learner, train_policy: bool) -> None:
-    for _, opt, sched in _pairs(learner, train_policy):
-        opt.step()
-        sched.step()
+    for name, opt, sched in _pairs(learner, train_policy):
+        with phase("update_actor" if name == "grad_norm" else "update_critic"):
+            opt.step()
+            sched.step()
 
 
 def _check_finite(step: int, epoch: int, minibatch: int, values: dict) -> None:
