@@ -1,6 +1,7 @@
 """The ``fastppo`` command line.
 
 fastppo train [--config FILE.yaml] [--FIELD VALUE ...]  PPO on a Hugging Face model (no --model: the tiny demo)
+fastppo profile [TRAIN OPTIONS]                     a few train steps under torch.profiler: trace.json, summary.md
 fastppo demo [--iterations N] [--device cpu|cuda]   the tiny demo run, end to end
 fastppo plot DIR [--output FILE.png]                a PNG of a run's reward, eval reward, KL, entropy, length
 fastppo bench [OPS...] [--quick] [--output F.json]  microbenchmarks vs TRL/OpenRLHF/verl (fastppo bench --help)
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastppo", description="fastppo: kernel-accelerated PPO core")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="PPO training (fastppo train --help lists every option)", add_help=False)
+    sub.add_parser("profile", help="a few train steps under torch.profiler (fastppo train's options)", add_help=False)
     sub.add_parser("demo", help="the default demo: a tiny PPO run, end to end", add_help=False)
     sub.add_parser("plot", help="plot a run's curves into DIR/plot.png (needs matplotlib)", add_help=False)
     sub.add_parser("bench", help="microbenchmarks (fastppo bench --help lists every option)", add_help=False)
@@ -84,6 +86,10 @@ def main(argv=None) -> int:
         from fastppo.trainer.cli import main as train_main
 
         return train_main(rest)
+    if args.cmd == "profile":
+        from fastppo.trainer.profile import main as profile_main
+
+        return profile_main(rest)
     if args.cmd == "demo":
         from fastppo.demo import main as demo_main
 
