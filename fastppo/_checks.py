@@ -108,6 +108,13 @@ def check_choice(name: str, value, choices: Iterable):
 def check_tensor(name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if type(t).__name__ == "DTensor":  # by name: no torch.distributed import on the hot path
+        # a shard passed as if it were the tensor would give a wrong answer of the right shape
+        raise TypeError(
+            f"{name} is a DTensor (an FSDP2 shard, local shape {tuple(t.to_local().shape)} of {tuple(t.shape)}): "
+            "read the weight inside the forward of the sharded module, where FSDP2 has gathered it (as "
+            "fastppo.trainer.LogProbHead does), or pass .full_tensor()"
+        )
     return t
 
 

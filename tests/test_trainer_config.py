@@ -137,3 +137,25 @@ def test_from_dict_rejects_unknown_and_validate_checks_types():
         PPOConfig.from_dict({"ignore_eos": "yes"}).validate()
     with pytest.raises(ValueError, match="top_p must be in"):
         PPOConfig.from_dict({"top_p": 1.5}).validate()
+
+
+def test_demo_flags_are_checked_against_the_demo_preset_only(monkeypatch):
+    """`fastppo train --num-minibatches 32` divides the demo's batch of 64 (not the plain default of 16)."""
+    import fastppo.demo
+    from fastppo.trainer import cli
+
+    seen = []
+    monkeypatch.setattr(fastppo.demo, "run_preset", lambda config: seen.append(config) or 0)
+    assert cli.main(["--num-minibatches", "32"]) == 0
+    assert seen[0].ppo.num_minibatches == 32 and seen[0].batch_size % 32 == 0
+    assert cli.model_given(["--model", "DIR"]) and not cli.model_given(["--model", "none"])
+
+
+def test_the_demo_refuses_torchrun_in_one_line(monkeypatch, capsys):
+    from fastppo.trainer import cli
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not under torchrun" in err

@@ -171,6 +171,11 @@ def load_checkpoint(trainer, folder) -> int:
     folder = pathlib.Path(folder)
     with open(folder / "state.json") as f:
         meta = json.load(f)
+    if meta.get("distributed"):
+        raise ValueError(
+            f"{folder} was written by a torchrun run ({meta.get('world_size')} ranks): resume it under torchrun "
+            "(`torchrun --nproc-per-node N -m fastppo train ... --resume`, any N)"
+        )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT}")
     load_model(trainer.policy, str(folder / "policy.safetensors"))

@@ -121,14 +121,40 @@ def _flat(config: PPOConfig) -> dict:
     return {k: v for section in config.to_dict().values() for k, v in section.items()}
 
 
+def model_given(argv) -> bool:
+    """Whether the command line or its ``--config`` file names a model. It decides the base under the
+    flags (the demo's preset or the plain defaults), so that the flags are validated once, against the
+    right one; a bad file is parse_config's to report."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--model", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.model is not None:
+        return known.model.lower() not in _NONE
+    if known.config is None:
+        return False
+    try:
+        return PPOConfig.from_yaml(known.config).model.model is not None
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def main(argv=None) -> int:
     """``fastppo train``: a run from the command line (the built-in demo when no ``--model`` is given)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = parse_config(argv)
-    if config.model.model is None:
+    if not model_given(argv):
         from fastppo.demo import PRESET, run_preset
+        from fastppo.trainer.distributed import torchrun_env
 
-        return run_preset(parse_config(argv, base=PRESET))
+        config = parse_config(argv, base=PRESET)
+        if torchrun_env():
+            sys.stderr.write(
+                f"{PROG}: error: the built-in demo (no --model) runs in one process, not under torchrun: run "
+                "`fastppo train`, or give torchrun a --model, --prompts and a reward\n"
+            )
+            return 2
+        return run_preset(config)
+    config = parse_config(argv)
     from fastppo.trainer.trainer import PPOTrainer
 
     try:  # bad data or lengths are found while setting up: one line, as the flags' errors

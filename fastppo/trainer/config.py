@@ -284,6 +284,22 @@ class RunConfig:
     """Save the final policy (save_pretrained) and tokenizer into output_dir/final."""
 
 
+@dataclass
+class DistributedConfig:
+    _argument_group_name: ClassVar[str] = "distributed"
+    _bounds: ClassVar[dict] = {}
+
+    parallelism: Literal["fsdp", "ddp"] = "fsdp"
+    """Under torchrun: 'fsdp' shards the policy and critic with FSDP2 (fully_shard per decoder layer) and rolls
+    out on an unsharded replica per rank; 'ddp' replicates them with DistributedDataParallel."""
+    reference_placement: Literal["replicate", "shard"] = "replicate"
+    """Under torchrun: the frozen reference policy as a full copy on every rank, or sharded with FSDP2."""
+    reward_model_placement: Literal["replicate", "shard"] = "replicate"
+    """Under torchrun: the reward model as a full copy on every rank, or sharded with FSDP2."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend ('auto': nccl on CUDA, gloo on CPU)."""
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -293,6 +309,7 @@ SECTIONS = {
     "ppo": PPOAlgoConfig,
     "critic": CriticConfig,
     "run": RunConfig,
+    "distributed": DistributedConfig,
 }
 
 
@@ -309,6 +326,7 @@ class PPOConfig:
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     # ---------------------------------------------------------------------------------------------
     @classmethod

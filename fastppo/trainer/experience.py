@@ -175,13 +175,16 @@ def compute_advantages(
     lam: float = 0.95,
     group_size: int = 1,
     whiten: bool = True,
+    dist=None,
 ):
     """``(advantages [B, N], returns [B, N] or None)`` from token rewards.
 
     ``"gae"``: :func:`fastppo.gae` with the critic's ``values`` (returns are the value targets).
     ``"grpo"`` / ``"rloo"``: each row's total reward ``rewards.sum(-1)`` against its prompt's group of
     ``group_size`` consecutive rows (:func:`fastppo.group_advantages`), on every valid token; no returns.
-    ``whiten``: :func:`fastppo.masked_whiten` over the valid tokens of the batch.
+    ``whiten``: :func:`fastppo.masked_whiten` over the valid tokens of the batch; with ``dist`` (a
+    :class:`fastppo.trainer.distributed.Dist`), of the batch of all ranks (each passes its share; a
+    prompt's group of samples lives on one rank).
     """
     check_choice("advantage", kind, ("gae", "grpo", "rloo"))
     mask = completion_mask.bool()
@@ -193,7 +196,12 @@ def compute_advantages(
         seq = group_advantages(rewards.sum(-1), group_size, kind=kind)
         adv, returns = torch.where(mask, seq[:, None], 0.0), None
     if whiten:
-        adv = masked_whiten(adv, mask)
+        if dist is not None and dist.enabled:
+            from fastppo.trainer import distributed
+
+            adv = distributed.masked_whiten(adv, mask, dist)
+        else:
+            adv = masked_whiten(adv, mask)
     return adv, returns
 
 

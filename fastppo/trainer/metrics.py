@@ -95,6 +95,11 @@ METRICS = [
     Metric("time_train_s", "seconds of the PPO epochs", ""),
     Metric("time_step_s", "seconds of the whole step", ""),
     Metric("peak_mem_mb", "peak allocated accelerator memory in the step (MiB; CPU: peak RSS of the process)", ""),
+    Metric(
+        "world_size",
+        "number of ranks (torchrun processes) the batch was split over",
+        "every other metric is of the whole batch; times and memory are rank 0's",
+    ),
 ]
 NAMES = [m.name for m in METRICS]
 
@@ -135,14 +140,21 @@ class Mean:
         value = self._t(value)
         self._acc[name] = (value if name not in self._acc else torch.maximum(self._acc[name][0], value), None)
 
-    def result(self) -> dict:
-        """``{name: float}``; a mean of total weight 0 is 0."""
+    def result(self, dist=None) -> dict:
+        """``{name: float}``; a mean of total weight 0 is 0. With ``dist`` (a :class:`Dist`, every rank
+        holding the same names), the sums, weights and maxima are over all ranks."""
         if not self._acc:
             return {}
         rows = [
             torch.stack([s, torch.ones_like(s)]) if w is None else torch.stack([s, w]) for s, w in self._acc.values()
         ]
-        sums, weights = torch.stack(rows).cpu().double().unbind(1)
+        table = torch.stack(rows)
+        if dist is not None and dist.enabled:
+            is_max = torch.tensor([w is None for _, w in self._acc.values()], device=table.device)[:, None]
+            total = dist.sum(table.masked_fill(is_max, 0.0))
+            top = dist.max(table.masked_fill(~is_max, -math.inf))
+            table = torch.where(is_max, top, total)
+        sums, weights = table.cpu().double().unbind(1)
         means = torch.where(weights != 0, sums / weights.clamp_min(1e-300), 0.0)
         return dict(zip(self._acc, means.tolist()))
 
@@ -166,10 +178,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """``1 - Var[returns - values] / Var[returns]`` over valid tokens (cleanrl's); NaN when Var[returns] = 0."""
-    m = mask.bool()
-    y, v = returns[m].double(), values[m].double()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """``1 - Var[returns - values] / Var[returns]`` over valid tokens (cleanrl's); NaN when Var[returns] = 0.
+    Without ``mask``, over every element (values already selected)."""
+    if mask is not None:
+        m = mask.bool()
+        values, returns = values[m], returns[m]
+    y, v = returns.double(), values.double()
     if y.numel() < 2:
         return math.nan
     var_y = y.var()
@@ -180,40 +195,57 @@ _UPDATE = ["policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio_max", "
            "critic_grad_norm", "critic_lr"]  # fmt: skip
 
 
-def step_metrics(step, roll, scores, components, exp, info, meter: Mean, times: dict, device) -> dict:
+def step_metrics(step, roll, scores, components, exp, info, meter: Mean, times: dict, device, dist=None) -> dict:
     """The :data:`METRICS` of one step, in their order, then ``reward/<component>``. ``roll``: the
     :class:`Rollout`; ``scores``: raw scores ``[B]``; ``exp``: the :class:`Experience`; ``info``: the
     prepare stage's ``rewards``, ``kl``, ``kl_coef``, ``entropy``, ``logprobs``; ``meter``: the update's
-    :class:`Mean`; ``times``: seconds per stage. Reads the device once for the rollout quantities."""
-    from fastppo.advantages import masked_mean
+    :class:`Mean`; ``times``: seconds per stage. Reads the device once for the rollout quantities.
 
-    cmask = roll.completion_mask
-    lengths = cmask.sum(-1).float()
-    seq_reward = info["rewards"].sum(-1)
+    ``dist`` (a :class:`Dist` under torchrun): each rank passes its share of the batch and gets the
+    metrics of the whole batch: per-completion and per-token values are gathered from all ranks
+    (``info``'s ``kl`` and ``entropy`` are global already), the update's sums and counts all-reduced;
+    ``world_size`` is added. Times and memory are this rank's."""
+    from fastppo.advantages import masked_mean
+    from fastppo.trainer.distributed import SINGLE
+
+    dist = dist or SINGLE
+    cmask = roll.completion_mask.bool()
+    lengths = dist.gather(cmask.sum(-1).float())
+    seq_reward = dist.gather(info["rewards"].sum(-1))
+    ended = dist.gather(roll.ended.float().to(lengths.device))
+    diff = (roll.rollout_logprobs - info["logprobs"]).abs()
+    diff_sums = dist.sum(torch.stack([(diff * cmask).sum(), cmask.sum().float()]))
+    scores = dist.gather(scores.to(device)).cpu()
     on_device = {
         "reward_mean": seq_reward.mean(),
         "reward_std": seq_reward.std() if len(seq_reward) > 1 else seq_reward.sum() * 0,
         "kl": info["kl"],
         "entropy": info["entropy"],
         "response_length_mean": lengths.mean(),
-        "truncated_rate": (~roll.ended).float().mean(),
-        "rollout_logprob_diff": masked_mean((roll.rollout_logprobs - info["logprobs"]).abs(), cmask),
+        "truncated_rate": (1 - ended).mean(),
+        "rollout_logprob_diff": diff_sums[0] / diff_sums[1].clamp_min(1),
         "tokens": lengths.sum(),
     }
+    if dist.world_size == 1:  # the one-process formula, as before (same rounding)
+        on_device["rollout_logprob_diff"] = masked_mean(diff, cmask)
     out = dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
+    ev = math.nan
+    if exp.values is not None:
+        ev = explained_variance(dist.gather(exp.values[cmask]), dist.gather(exp.returns[cmask]))
     out.update(
         step=step,
         score_mean=scores.mean().item(),
         score_std=scores.std().item() if len(scores) > 1 else 0.0,
         kl_coef=info["kl_coef"],
         reward_length_corr=pearson(scores, lengths.cpu()),
-        explained_variance=explained_variance(exp.values, exp.returns, cmask) if exp.values is not None else math.nan,
+        explained_variance=ev,
         **dict.fromkeys(_UPDATE, 0.0),
     )
-    out.update(meter.result())
+    out.update(meter.result(dist))
     out.update({f"time_{k}_s": v for k, v in times.items()})
     out["tokens_per_s"] = out.pop("tokens") / times["step"] if times["step"] > 0 else 0.0
     out["peak_mem_mb"] = peak_memory_mb(device)
+    out["world_size"] = dist.world_size
     ordered = {k: out[k] for k in NAMES}
     ordered.update({f"reward/{k}": v.mean().item() for k, v in components.items()})
     return ordered

@@ -100,7 +100,10 @@ class LogProbHead(nn.Module):
         if hidden.dtype != weight.dtype:  # autocast ran the body in bf16; the head follows it
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
-        return linear_logprobs_and_entropy(hidden, weight, labels, bias=bias, temperature=temperature, entropy=entropy)
+        lp, ent = linear_logprobs_and_entropy(
+            hidden, weight, labels, bias=bias, temperature=temperature, entropy=entropy
+        )
+        return _own(lp), None if ent is None else _own(ent)
 
 
 def completion_logprobs(model, output, prompt_mask: torch.Tensor, *, temperature: float = 1.0, entropy: bool = True):
@@ -170,7 +173,13 @@ class ValueModel(nn.Module):
         mask = _check_batch(input_ids, attention_mask, prompt_length)
         P = int(prompt_length)
         hidden = hidden_states(self.body, input_ids, mask)[:, P - 1 : -1]
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return _own(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float())
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if it is a view: a sharded (FSDP2) module must return tensors of its own, since an
+    in-place op on a returned view would skip FSDP2's pre-backward hook (it warns on every call)."""
+    return t.clone() if t._base is not None else t
 
 
 def _hidden_size(model) -> int:

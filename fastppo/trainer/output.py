@@ -126,6 +126,27 @@ class RunOutput:
             self.tb.close()
 
 
+class NullOutput:
+    """What ranks other than 0 have instead of a :class:`RunOutput` under torchrun: they write nothing."""
+
+    last_eval_step = None
+
+    def message(self, text: str) -> None:
+        pass
+
+    def step(self, metrics: dict) -> None:
+        pass
+
+    def evaluation(self, record: dict, samples: list) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def truncate_jsonl(path: pathlib.Path, step: int) -> list[dict]:
     """Keep the records of ``path`` whose ``step`` is at most ``step`` (a line cut off by a kill goes too),
     rewriting it atomically; returns them."""

@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from fastppo.trainer.cli import parse_config
+from fastppo.trainer.cli import model_given, parse_config
 
 PROG = "fastppo profile"
 DEFAULT_STEPS = 4
@@ -51,29 +51,10 @@ def _steps_flag(argv) -> int | None:
     return None if known.max_steps is None else int(known.max_steps)
 
 
-def _model_given(argv) -> bool:
-    """Whether the command line or its ``--config`` file names a model (decides the preset under the
-    flags, so the flags are validated once, against the right one); a bad file is parse_config's to report."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--model", default=None)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.model is not None:
-        return known.model.lower() not in ("none", "null")
-    if known.config is None:
-        return False
-    from fastppo.trainer.config import PPOConfig
-
-    try:
-        return PPOConfig.from_yaml(known.config).model.model is not None
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     base = {"output_dir": OUTPUT_DIR, "progress_bar": False}
-    demo = not _model_given(argv)
+    demo = not model_given(argv)
     if demo:
         from fastppo.demo import PRESET
 

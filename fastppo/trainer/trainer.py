@@ -27,6 +27,7 @@ after its checkpoint, without the final evaluation and save (they come when a re
 from __future__ import annotations
 
 import contextlib
+import functools
 import pathlib
 import random
 import signal
@@ -40,7 +41,7 @@ import torch
 from fastppo.advantages import masked_mean
 from fastppo.generation import Generator
 from fastppo.losses import kl_penalty
-from fastppo.trainer import checkpoint
+from fastppo.trainer import checkpoint, distributed
 from fastppo.trainer.config import PPOConfig
 from fastppo.trainer.data import PromptSampler, read_prompts, tokenize_prompts
 from fastppo.trainer.experience import (
@@ -63,7 +64,7 @@ from fastppo.trainer.loading import (
 )
 from fastppo.trainer.metrics import Mean, step_metrics
 from fastppo.trainer.models import LogProbHead, Reference, is_peft_model
-from fastppo.trainer.output import RunOutput
+from fastppo.trainer.output import NullOutput, RunOutput
 from fastppo.trainer.phases import phase
 from fastppo.trainer.rewards import RewardError, RewardModel, RewardShaper
 from fastppo.trainer.update import Learner, NonFiniteError, make_optimizer, make_scheduler, ppo_update
@@ -99,7 +100,10 @@ class PPOTrainer:
     ):
         self.config = config = (config if config is not None else PPOConfig()).validate()
         mc, r = config.model, config.rollout
-        self.device = resolve_device(mc.device)
+        # under torchrun: join the process group first (this rank's device, the world's batch split)
+        self.dist, self.device = distributed.init_distributed(config.distributed.backend, resolve_device(mc.device))
+        distributed.check_world(config, self.dist.world_size)
+        world = self.dist.world_size
         self.tokenizer = load_tokenizer(tokenizer, policy if isinstance(policy, (str, pathlib.Path)) else None)
         self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
         # data and lengths first: a prompt too long fails before any weight loads
@@ -129,6 +133,13 @@ class PPOTrainer:
         )
         k = config.kl
         self.reference = Reference(self.policy, ref_model) if (k.kl_coef > 0 or ref_model is not None) else None
+        dc = config.distributed
+        if world > 1 and self.reference is not None and dc.reference_placement == "shard":
+            if self.reference.model is self.policy:
+                raise ValueError("reference_placement='shard' with a PEFT policy: the reference is the policy itself")
+            self.reference.head = distributed.shard(self.reference.head)
+        if world > 1 and isinstance(self.reward, RewardModel) and dc.reward_model_placement == "shard":
+            self.reward.model = distributed.shard(self.reward.model)
         self.kl_controller = (
             AdaptiveKLController(k.kl_coef, k.kl_target, k.kl_horizon)
             if k.adaptive_kl
@@ -138,19 +149,30 @@ class PPOTrainer:
         if config.ppo.advantage == "gae":
             self.critic = build_critic(critic, self.policy, self.reward, config, self.device)
             disable_dropout(self.critic)
+        # under FSDP: generate with an unsharded copy, made before the policy is sharded (distributed.py)
+        self.replica = None
+        if world > 1 and dc.parallelism == "fsdp":
+            self.replica = distributed.RolloutReplica(self.policy)
+        if world > 1:
+            self.head = distributed.wrap(self.head, dc.parallelism, self.device)
+            if self.critic is not None:
+                self.critic = distributed.wrap(self.critic, dc.parallelism, self.device)
         self.learner = self._learner()
         self.stop_ids = None if r.ignore_eos else self._stop_ids()
+        rollout_model = self.replica.model if self.replica is not None else self.policy
         # under PEFT the adapters live inside the base model's layers: generate with it directly
         self.generator = Generator(
-            self.policy.get_base_model() if is_peft_model(self.policy) else self.policy,
-            max_batch_size=r.generation_batch_size or config.batch_size,
+            rollout_model.get_base_model() if is_peft_model(rollout_model) else rollout_model,
+            max_batch_size=r.generation_batch_size or config.batch_size // world,
             max_length=limit + r.max_new_tokens,
             cuda_graphs="auto" if r.cuda_graphs is None else r.cuda_graphs,
         )
         seed = config.run.seed
+        # one sampler for the world (every rank draws the same prompts, then takes its share)
         self.sampler = PromptSampler(len(self.train_data), r.rollout_batch_size, seed=seed, shuffle=config.data.shuffle)
-        self.sample_rng = torch.Generator(device=self.device).manual_seed(seed)
-        self.update_rng = torch.Generator().manual_seed(seed + 1)
+        rank_seed = seed + self.dist.rank * distributed.RANK_SEED_STRIDE
+        self.sample_rng = torch.Generator(device=self.device).manual_seed(rank_seed)
+        self.update_rng = torch.Generator().manual_seed(rank_seed + 1)
         self.step_count = 0
         self.history: list = []
         self.callbacks: list = []  # called as fn(trainer, metrics) at the end of every step
@@ -191,7 +213,7 @@ class PPOTrainer:
             opt = make_optimizer(model.parameters(), lr, p)
             return opt, make_scheduler(opt, kind=p.lr_scheduler, warmup_steps=p.lr_warmup_steps, total_steps=updates)
 
-        learner = Learner(self.head, *pair(self.policy, p.learning_rate))
+        learner = Learner(self.head, *pair(self.head, p.learning_rate))
         if self.critic is not None:
             learner.critic = self.critic
             learner.critic_optimizer, learner.critic_scheduler = pair(self.critic, c.critic.critic_learning_rate)
@@ -213,7 +235,11 @@ class PPOTrainer:
         ``should_stop`` returns after the checkpoint of its last step."""
         cfg = self.config.run
         notes = self._start()
-        self.output = RunOutput(cfg, self.config, start_step=self.step_count)
+        if self.dist.is_main:
+            self.output = RunOutput(cfg, self.config, start_step=self.step_count)
+        else:  # one rank writes the run's files; the others need to know only its last evaluation
+            self.output = NullOutput()
+        self.output.last_eval_step = self.dist.broadcast_object(self.output.last_eval_step)
         for note in notes:
             self.output.message(note)
         c, p = self.config, self.config.ppo
@@ -223,6 +249,11 @@ class PPOTrainer:
             f"{c.batch_size} completions -> {p.num_minibatches} mini-batches of {c.minibatch_size} (one optimizer "
             f"step each) -> micro-batches of {micro}; {p.ppo_epochs} epochs; {cfg.max_steps} steps"
         )
+        if self.dist.world_size > 1:
+            w = self.dist.world_size
+            self.output.message(
+                f"{w} ranks ({c.distributed.parallelism}): {c.batch_size // w} completions each per step"
+            )
         self.should_stop, self.stop_reason = False, None
         try:
             with self._signals():
@@ -260,11 +291,13 @@ class PPOTrainer:
             if folder is None:
                 return [f"resume: no checkpoint in {cfg.output_dir}; starting at step 0"]
             changes = checkpoint.config_changes(folder, self.config)
-            checkpoint.load_checkpoint(self, folder)
+            notes = self._load(folder)
             self._saved = folder
-            notes = [f"resumed from {folder} (step {self.step_count})"]
+            notes = [f"resumed from {folder} (step {self.step_count})", *notes]
             return notes + ([f"resume: config changed since the checkpoint: {'; '.join(changes)}"] if changes else [])
-        removed = checkpoint.remove_checkpoints(cfg.output_dir)
+        self.dist.barrier()  # every rank has checked the folder before rank 0 clears it
+        removed = checkpoint.remove_checkpoints(cfg.output_dir) if self.dist.is_main else []
+        self.dist.barrier()
         if not removed:
             return []
         names = ", ".join(p.name for p in removed)
@@ -293,11 +326,27 @@ class PPOTrainer:
                 signal.signal(s, h)
 
     def save_checkpoint(self) -> pathlib.Path:
-        """Write ``output_dir/checkpoint-<step>`` now (atomically; keeps the newest ``keep_last``)."""
+        """Write ``output_dir/checkpoint-<step>`` now (atomically; keeps the newest ``keep_last``); under
+        torchrun every rank calls it (a sharded checkpoint, :mod:`fastppo.trainer.dist_checkpoint`)."""
         if self.output is not None:
             self.output.sync()
-        self._saved = checkpoint.save_checkpoint(self, keep_last=self.config.run.keep_last)
+        keep = self.config.run.keep_last
+        if self.dist.enabled:
+            from fastppo.trainer import dist_checkpoint
+
+            self._saved = dist_checkpoint.save_checkpoint(self, keep_last=keep)
+        else:
+            self._saved = checkpoint.save_checkpoint(self, keep_last=keep)
         return self._saved
+
+    def _load(self, folder) -> list:
+        """Restore the state of a checkpoint folder; returns notes for the console."""
+        if self.dist.enabled:
+            from fastppo.trainer import dist_checkpoint
+
+            return dist_checkpoint.load_checkpoint(self, folder)
+        checkpoint.load_checkpoint(self, folder)
+        return []
 
     def step(self) -> dict:
         """One rollout batch and its PPO update; returns the step's metrics (see fastppo.trainer.metrics)."""
@@ -306,8 +355,9 @@ class PPOTrainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         with phase("step"):
             with _timer(times, "rollout", self.device), phase("gen"):
+                indices = self.sampler.next()[self.dist.share(self.config.rollout.rollout_batch_size)]
                 roll = self._rollout(
-                    self.sampler.next(), self.sample_rng, do_sample=True, samples=self.config.rollout.samples_per_prompt
+                    indices, self.sample_rng, do_sample=True, samples=self.config.rollout.samples_per_prompt
                 )
             with _timer(times, "score", self.device), phase("reward"):
                 scores, components = self._score(roll)
@@ -374,8 +424,8 @@ class PPOTrainer:
             return self._advantages(roll, scores, lp, ent, ref, values)
 
     def _advantages(self, roll, scores, lp, ent, ref, values):
-        cfg = self.config
-        shaped = self.shaper(scores, roll.ended.cpu()).to(self.device)
+        cfg, dist = self.config, self.dist
+        shaped = self._shape(scores, roll.ended)
         seq, attn, cmask, P = roll.sequences, roll.attention_mask, roll.completion_mask, roll.prompt_length
         kl = kl_penalty(lp, ref, kind=cfg.kl.kl_estimator, mask=cmask) if ref is not None else None
         coef = self.kl_controller.value
@@ -390,12 +440,23 @@ class PPOTrainer:
             lam=cfg.ppo.lam,
             group_size=cfg.rollout.samples_per_prompt,
             whiten=cfg.whiten,
+            dist=dist,
         )
-        kl_mean = masked_mean(kl, cmask) if kl is not None else torch.zeros((), device=self.device)
-        info = dict(rewards=rewards, entropy=masked_mean(ent, cmask), kl=kl_mean, kl_coef=coef, logprobs=lp)
-        self.kl_controller.update(float(kl_mean), len(seq))
+        mean = masked_mean if not dist.enabled else functools.partial(distributed.masked_mean, dist=dist)
+        kl_mean = mean(kl, cmask) if kl is not None else torch.zeros((), device=self.device)
+        info = dict(rewards=rewards, entropy=mean(ent, cmask), kl=kl_mean, kl_coef=coef, logprobs=lp)
+        self.kl_controller.update(float(kl_mean), len(seq) * dist.world_size)
         exp = Experience(seq, attn, cmask, P, lp, adv, ref_logprobs=ref, values=values, returns=returns)
         return exp, info
+
+    def _shape(self, scores: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """The shaped scores of this rank's completions; under torchrun, shaped with the whole batch
+        (the running normalizer sees every rank's scores, so its state is the same on all ranks)."""
+        if not self.dist.enabled:
+            return self.shaper(scores, ended.cpu()).to(self.device)
+        every = self.dist.gather(scores.to(self.device)).cpu()
+        ended = self.dist.gather(ended.to(self.device)).cpu()
+        return self.shaper(every, ended).to(self.device)[self.dist.share(len(every))]
 
     def _update(self, exp, kl_coef: float) -> Mean:
         meter = Mean(self.device)
@@ -415,18 +476,25 @@ class PPOTrainer:
                 train_policy=not warm,
                 kl_coef=kl_coef,
                 autocast=self._autocast(),
+                dist=self.dist,
             )
         finally:
             self.policy.eval(), self.critic is not None and self.critic.eval()
+        if self.replica is not None:
+            self.replica.refresh(self.policy)
         return meter
 
     def _metrics(self, roll, scores, components, exp, info, meter, times) -> dict:
-        return step_metrics(self.step_count, roll, scores, components, exp, info, meter, times, self.device)
+        return step_metrics(
+            self.step_count, roll, scores, components, exp, info, meter, times, self.device, dist=self.dist
+        )
 
     def _end_step(self, metrics: dict) -> bool:
         """The one place where a step ends: check, record, show, evaluate, run the callbacks, checkpoint.
         Returns whether it evaluated. A non-finite metric raises before anything is written: the last
-        checkpoint stays the last good state."""
+        checkpoint stays the last good state. Under torchrun the metrics are global, so every rank takes
+        the same decisions; a stop request on any rank stops all of them after this step."""
+        self.should_stop = self.dist.any(self.should_stop, self.device)
         for name in ("reward_mean", "policy_loss", "value_loss", "grad_norm"):
             if not (metrics[name] == metrics[name] and abs(metrics[name]) != float("inf")):
                 raise NonFiniteError(f"step {metrics['step']}: {name} is {metrics[name]}; stopping the run")
@@ -460,32 +528,47 @@ class PPOTrainer:
         data = self.eval_data
         if data is None:
             return {}
-        rng = torch.Generator(device=self.device).manual_seed(self.config.run.seed + 1_000_003)
+        dist = self.dist
+        rng = torch.Generator(device=self.device).manual_seed(self.config.run.seed + 1_000_003 + dist.rank)
         width = self.generator.max_batch_size
+        # under torchrun each rank takes every world_size-th prompt; ranks short of a full share repeat
+        # their last prompt (dropped below), so that all run the same number of (sharded) forwards
+        share = list(range(dist.rank, len(data), dist.world_size))
+        rounds = -(-len(data) // dist.world_size)
+        mine = (share + share[-1:] * rounds)[:rounds] if share else [0] * rounds
         scores, lengths, samples, parts = [], [], [], {}
-        for i in range(0, len(data), width):
+        for i in range(0, len(mine), width):
             roll = self._rollout(
-                list(range(i, min(i + width, len(data)))),
-                rng,
-                do_sample=not self.config.run.eval_greedy,
-                samples=1,
-                data=data,
+                mine[i : i + width], rng, do_sample=not self.config.run.eval_greedy, samples=1, data=data
             )
             s, comps = self._score(roll, data)
             scores.append(s), lengths.append(roll.completion_mask.sum(-1).float().cpu())
             for k, v in comps.items():
                 parts.setdefault(k, []).append(v)
             samples += [
-                {"step": self.step_count, "prompt": p, "completion": c, "reward": float(x)}
-                for p, c, x in zip(roll.prompts, roll.completions, s.tolist())
+                {"index": j, "prompt": p, "completion": c, "reward": float(x)}
+                for j, p, c, x in zip(mine[i : i + width], roll.prompts, roll.completions, s.tolist())
             ]
-        scores, lengths = torch.cat(scores), torch.cat(lengths)
+        keep = len(share)
+        scores, lengths = torch.cat(scores)[:keep], torch.cat(lengths)[:keep]
+        parts = {k: torch.cat(v)[:keep] for k, v in parts.items()}
+        samples = samples[:keep]
+        if dist.enabled:  # every rank's share, back in prompt order
+            mine = (scores.tolist(), lengths.tolist(), {k: v.tolist() for k, v in parts.items()}, samples)
+            gathered = dist.gather_objects(mine)
+            samples = [x for g in gathered for x in g[3]]
+            order = sorted(range(len(samples)), key=lambda n: samples[n]["index"])
+            samples = [samples[n] for n in order]
+            scores = torch.tensor([x for g in gathered for x in g[0]])[order]
+            lengths = torch.tensor([x for g in gathered for x in g[1]])[order]
+            parts = {k: torch.tensor([x for g in gathered for x in g[2][k]])[order] for k in parts}
+        samples = [{"step": self.step_count, **{k: v for k, v in x.items() if k != "index"}} for x in samples]
         record = {
             "step": self.step_count,
             "eval_reward_mean": scores.mean().item(),
             "eval_reward_std": scores.std().item() if len(scores) > 1 else 0.0,
             "eval_response_length_mean": lengths.mean().item(),
-            **{f"eval_reward/{k}": torch.cat(v).mean().item() for k, v in parts.items()},
+            **{f"eval_reward/{k}": v.mean().item() for k, v in parts.items()},
         }
         if self.output is not None:
             self.output.evaluation(record, samples)
@@ -495,8 +578,10 @@ class PPOTrainer:
         """The policy and its tokenizer as a ``save_pretrained`` folder (``from_pretrained`` loads it;
         a PEFT policy saves its adapters)."""
         path = pathlib.Path(path)
-        self.policy.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        if self.dist.is_main:  # under FSDP the rollout replica holds the full, current weights
+            (self.replica.model if self.replica is not None else self.policy).save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        self.dist.barrier()
         return path
 
     # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Each micro-batch's losses are divided by the *mini-batch's* count (valid tokens 
 sequences for the seq modes: the ``normalizer`` of :func:`fastppo.policy_loss`), so the accumulated
 gradient is that of the whole mini-batch whatever the micro-batch size. Policy and critic have their
 own AdamW, learning rate and gradient clipping; during the critic's warm-up only the critic steps.
+
+Under torchrun the count is the mini-batch's over all ranks, divided by the world size (DDP and FSDP2
+average the ranks' gradients), so the step is that of the global mini-batch; the early stop on
+``target_kl`` and the non-finite check decide on sums over all ranks, so every rank takes the same path.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from fastppo.losses import kl_penalty, policy_loss, value_loss
 from fastppo.reference.common import masked_sum
+from fastppo.trainer.distributed import SINGLE, Dist, local_tensor, no_grad_sync
 from fastppo.trainer.metrics import Mean
 from fastppo.trainer.phases import phase
 
@@ -61,12 +66,12 @@ class Learner:
     critic_scheduler: object = None
 
 
-def normalizer(completion_mask: torch.Tensor, agg: str) -> torch.Tensor:
+def normalizer(completion_mask: torch.Tensor, agg: str, dist: Dist = SINGLE) -> torch.Tensor:
     """The mini-batch count the losses are divided by: valid tokens (``token-mean``) or sequences with a
-    valid token (seq modes), at least 1."""
+    valid token (seq modes), at least 1; under torchrun, the count over all ranks / the world size."""
     m = completion_mask.bool()
-    count = m.sum() if agg == "token-mean" else m.any(-1).sum()
-    return count.clamp_min(1).float()
+    count = (m.sum() if agg == "token-mean" else m.any(-1).sum()).float()
+    return dist.sum(count).clamp_min(1) / dist.world_size
 
 
 def ppo_update(
@@ -80,29 +85,34 @@ def ppo_update(
     train_policy: bool = True,
     kl_coef: float = 0.0,
     autocast=contextlib.nullcontext,
+    dist: Dist = SINGLE,
 ) -> None:
     """Run ``ppo_epochs`` passes over the :class:`Experience` ``exp``; metrics go into ``meter``.
 
     ``config``: the :class:`PPOConfig`; ``rng``: the CPU generator of the mini-batch permutations;
     ``train_policy``: False during the critic warm-up; ``kl_coef``: the weight of the KL loss term when
-    ``kl_mode == "loss"``; ``autocast``: a context factory around the forwards (bf16 on CUDA).
+    ``kl_mode == "loss"``; ``autocast``: a context factory around the forwards (bf16 on CUDA);
+    ``dist``: the run's process group (``exp`` is then this rank's share of the batch).
     """
     p, B = config.ppo, len(exp)
-    mb, micro = config.minibatch_size, config.ppo.micro_batch_size or config.minibatch_size
+    mb = config.minibatch_size // dist.world_size
+    micro = config.ppo.micro_batch_size or mb
     device = exp.sequences.device
     for epoch in range(p.ppo_epochs):
         perm = torch.randperm(B, generator=rng).to(device)
         for k, start in enumerate(range(0, B, mb)):
             rows = perm[start : start + mb]
             mask = exp.completion_mask[rows]
-            norm, n_tok = normalizer(mask, p.loss_agg), normalizer(mask, "token-mean")
+            norm, n_tok = normalizer(mask, p.loss_agg, dist), normalizer(mask, "token-mean", dist)
             sums = torch.zeros(3, device=device)  # policy loss, value loss, approx_kl token-sum
             for opt in (learner.policy_optimizer, learner.critic_optimizer):
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
             for i in range(0, mb, micro):
                 part = exp.select(rows[i : i + micro])
-                sums += _micro_step(part, learner, config, norm, n_tok, meter, train_policy, kl_coef, autocast)
+                with _grad_sync(learner, last=i + micro >= mb):
+                    sums += _micro_step(part, learner, config, norm, n_tok, meter, train_policy, kl_coef, autocast)
+            sums = dist.sum(sums) / dist.world_size  # token-sums over norm's scale: the same on every rank
             norms = _clip_gradients(learner, p.max_grad_norm, train_policy)
             # checked before the optimizers step: a non-finite loss or gradient never reaches the weights
             _check_finite(step, epoch, k, {"policy_loss": sums[0], "value_loss": sums[1], **norms})
@@ -178,6 +188,16 @@ def _critic_micro_step(part, learner, config, norm, meter, autocast):
     return vl.detach() * norm
 
 
+@contextlib.contextmanager
+def _grad_sync(learner: Learner, last: bool):
+    """Under torchrun, reduce the gradients over ranks only in a mini-batch's last micro-batch."""
+    with contextlib.ExitStack() as stack:
+        for module in (learner.policy, learner.critic):
+            if module is not None:
+                stack.enter_context(no_grad_sync(module, last))
+        yield
+
+
 def _count(mask: torch.Tensor, agg: str) -> torch.Tensor:
     m = mask.bool()
     return (m.sum() if agg == "token-mean" else m.any(-1).sum()).float()
@@ -196,8 +216,8 @@ def _pairs(learner: Learner, train_policy: bool):
 def _clip_gradients(learner: Learner, max_norm, train_policy: bool) -> dict:
     """Clip each model's gradient to ``max_norm`` (None: no clipping); ``{metric: norm before clipping}``."""
     max_norm = math.inf if max_norm is None else max_norm
-    return {
-        name: torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], max_norm)
+    return {  # a sharded model's norm is a DTensor over all ranks' shards: its full value
+        name: local_tensor(torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], max_norm))
         for name, opt, _ in _pairs(learner, train_policy)
     }
 
