@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastppo.bench import ops_advantages, ops_generate, ops_logits, ops_losses
+from fastppo.bench import ops_advantages, ops_e2e, ops_generate, ops_logits, ops_losses
 from fastppo.bench.cases import UNIT_SCALE, BenchConfig, Case, Impl, max_abs_diff
 from fastppo.bench.peaks import measure_peaks
 from fastppo.bench.timing import TimerSettings, measure
@@ -41,6 +41,7 @@ OPS: dict[str, tuple[Callable[[BenchConfig], list[Case]], Callable | None]] = {
     "gae": (ops_advantages.gae_cases, None),
     "whiten": (ops_advantages.whiten_cases, None),
     "generate": (ops_generate.generate_cases, ops_generate.decode_step_rows),
+    "ppo_step": (ops_e2e.ppo_step_cases, ops_e2e.ppo_step_rows),
 }
 ALIASES = {  # the names of the former bench/bench_NAME.py scripts, and groups
     "losses": ("policy_loss", "value_loss", "kl"),
