@@ -155,6 +155,8 @@ def train(policy, rm, out_dir, max_steps, *flags):
             adaptive_kl=True,
             normalize_reward=True,
             parallelism=args.get("--parallelism", "fsdp"),
+            reference_placement=args.get("--reference-placement", "shard"),
+            reward_model_placement=args.get("--reward-model-placement", "shard"),
         )
     ).validate()
     PPOTrainer(config, policy, None, rm, train_prompts=PROMPTS, eval_prompts=EVAL_PROMPTS if resume else None).train()

@@ -206,6 +206,22 @@ def shard(module: nn.Module) -> nn.Module:
     return module
 
 
+def shard_reward_model(model: nn.Module) -> nn.Module:
+    """FSDP2 on a sequence-classification reward model as :class:`fastppo.trainer.RewardModel` calls it:
+    its body and its ``score`` head are each called on their own (not through the model's forward), so
+    each is a unit of its own besides the decoder layers."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastppo.trainer.models import decoder_of
+
+    shard(decoder_of(model))
+    head = getattr(model, "score", None)
+    if isinstance(head, nn.Linear):
+        fully_shard(head)
+    fully_shard(model)
+    return model
+
+
 def wrap(module: nn.Module, parallelism: str, device: torch.device) -> nn.Module:
     """``module`` sharded (``'fsdp'``) or in ``DistributedDataParallel`` (``'ddp'``)."""
     if parallelism == "fsdp":

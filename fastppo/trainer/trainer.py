@@ -133,13 +133,6 @@ class PPOTrainer:
         )
         k = config.kl
         self.reference = Reference(self.policy, ref_model) if (k.kl_coef > 0 or ref_model is not None) else None
-        dc = config.distributed
-        if world > 1 and self.reference is not None and dc.reference_placement == "shard":
-            if self.reference.model is self.policy:
-                raise ValueError("reference_placement='shard' with a PEFT policy: the reference is the policy itself")
-            self.reference.head = distributed.shard(self.reference.head)
-        if world > 1 and isinstance(self.reward, RewardModel) and dc.reward_model_placement == "shard":
-            self.reward.model = distributed.shard(self.reward.model)
         self.kl_controller = (
             AdaptiveKLController(k.kl_coef, k.kl_target, k.kl_horizon)
             if k.adaptive_kl
@@ -149,6 +142,14 @@ class PPOTrainer:
         if config.ppo.advantage == "gae":
             self.critic = build_critic(critic, self.policy, self.reward, config, self.device)
             disable_dropout(self.critic)
+        # the critic copies the policy or the reward model: shard or wrap only after it is built
+        dc = config.distributed
+        if world > 1 and self.reference is not None and dc.reference_placement == "shard":
+            if self.reference.model is self.policy:
+                raise ValueError("reference_placement='shard' with a PEFT policy: the reference is the policy itself")
+            self.reference.head = distributed.shard(self.reference.head)
+        if world > 1 and isinstance(self.reward, RewardModel) and dc.reward_model_placement == "shard":
+            self.reward.model = distributed.shard_reward_model(self.reward.model)
         # under FSDP: generate with an unsharded copy, made before the policy is sharded (distributed.py)
         self.replica = None
         if world > 1 and dc.parallelism == "fsdp":
