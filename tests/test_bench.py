@@ -96,7 +96,7 @@ def test_add_speedups_keeps_groups_apart():
     assert rows[2]["speedup"] == {}
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op != "generate"])
+@pytest.mark.parametrize("op", [op for op in OPS if op not in ("generate", "ppo_step")])  # no transcribed baselines
 def test_baselines_compute_what_fastppo_computes(op):
     """Every transcribed baseline agrees with fastppo's reference on the same inputs (on valid
     positions; OpenRLHF whitens with the biased variance, hence its looser bound)."""

@@ -5,7 +5,8 @@
     fastppo bench logprobs linear_logprobs --device cuda --output bench/results/ --markdown run.md --plot run.png
     fastppo bench losses --list                     # what would run, and what is skipped here and why
 
-Ops: logprobs, linear_logprobs, policy_loss, value_loss, kl, gae, whiten, generate; aliases: losses
+Ops: logprobs, linear_logprobs, policy_loss, value_loss, kl, gae, whiten, generate, ppo_step (the
+trainer's whole step against TRL 1.12.0's PPOTrainer, when trl is installed); aliases: losses
 (policy_loss value_loss kl), advantages (gae whiten), linear, generation, all. ``--output DIR/``
 names the file by device and date (``cpu-2026-12-01.json``, ``nvidia-h200-2026-12-01.json``), as
 ``bench/results/`` keeps them (``{device}`` and ``{date}`` in a file name are filled in the same way);

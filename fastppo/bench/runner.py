@@ -50,7 +50,18 @@ ALIASES = {  # the names of the former bench/bench_NAME.py scripts, and groups
     "generation": ("generate",),
     "all": tuple(OPS),
 }
-PACKAGES = ("torch", "triton", "transformers", "numpy", "liger-kernel", "cut-cross-entropy", "flash-attn", "trl")
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "numpy",
+    "liger-kernel",
+    "cut-cross-entropy",
+    "flash-attn",
+    "trl",
+    "accelerate",
+    "datasets",
+)
 
 
 def resolve_ops(names: list[str]) -> list[str]:
