@@ -5,8 +5,8 @@ one PPO update of a tiny policy and critic under FSDP2 and under DDP, each rank 
 batch, against the same update in one process on the whole batch (rank 0 computes it); plus the
 global statistics. Writes the differences to OUT.json.
 
-``... tests/_dist_worker.py train POLICY RM OUT_DIR MAX_STEPS [--resume] [--save-every N] [--parallelism P]``:
-a few trainer steps of the tiny policy against a reward model (the checkpoint/resume tests).
+``python tests/_dist_worker.py models FOLDER``: a tiny policy, reward model and prompt files for
+``torchrun -m fastppo train`` (the checkpoint/resume tests, and the GPU check's NCCL smoke run).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from fastppo.tiny import tiny_qwen2, tiny_reward_model
-from fastppo.trainer import PPOConfig, PPOTrainer
+from fastppo.trainer import PPOConfig
 from fastppo.trainer.distributed import Dist, RolloutReplica, local_tensor, masked_mean, masked_whiten, wrap
 from fastppo.trainer.experience import Experience
 from fastppo.trainer.metrics import Mean
@@ -129,40 +129,11 @@ def update(out_path):
             json.dump(result, f)
 
 
-def train(policy, rm, out_dir, max_steps, *flags):
-    opts = list(flags)
-    resume = "--resume" in opts
-    if resume:
-        opts.remove("--resume")
-    args = dict(zip(opts[::2], opts[1::2]))
-    config = PPOConfig.from_dict(
-        dict(
-            rollout_batch_size=4,
-            samples_per_prompt=2,
-            max_new_tokens=4,
-            max_steps=int(max_steps),
-            num_minibatches=2,
-            learning_rate=1e-3,
-            critic_learning_rate=1e-3,
-            output_dir=out_dir,
-            eval_every=0,
-            progress_bar=False,
-            save_every=int(args.get("--save-every", 1)),
-            keep_last=None,
-            resume=resume,
-            save_final=resume,
-            device="cpu",
-            adaptive_kl=True,
-            normalize_reward=True,
-            parallelism=args.get("--parallelism", "fsdp"),
-            reference_placement=args.get("--reference-placement", "shard"),
-            reward_model_placement=args.get("--reward-model-placement", "shard"),
-        )
-    ).validate()
-    PPOTrainer(config, policy, None, rm, train_prompts=PROMPTS, eval_prompts=EVAL_PROMPTS if resume else None).train()
-
-
 def make_models(folder):
+    """``folder/policy``, ``folder/rm`` (tiny, saved with their tokenizer), ``prompts.txt``, ``eval.txt``:
+    what ``fastppo train --model ... --reward-model ... --prompts ...`` needs."""
+    import pathlib
+
     from fastppo.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -170,6 +141,8 @@ def make_models(folder):
     tok.save_pretrained(f"{folder}/policy")
     tiny_reward_model(len(tok), seed=3).save_pretrained(f"{folder}/rm")
     tok.save_pretrained(f"{folder}/rm")
+    pathlib.Path(folder, "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    pathlib.Path(folder, "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 
 
 if __name__ == "__main__":
@@ -180,6 +153,6 @@ if __name__ == "__main__":
         sys.exit(0)
     dist.init_process_group("gloo")
     try:
-        {"update": update, "train": train}[mode](*rest)
+        update(*rest)
     finally:
         dist.destroy_process_group()

@@ -25,12 +25,43 @@ UNTIMED = {n for n in NAMES if n.startswith("time_")} | {"tokens_per_s", "peak_m
 
 
 def _torchrun(n: int, *args, timeout=300):
+    """``torchrun --nproc-per-node n ARGS`` (a script, or ``-m fastppo train ...``); its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(WORKER)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     out = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
     return out
+
+
+def _train(n: int, folder, out, steps: int, *flags):
+    """``torchrun -m fastppo train`` of the tiny policy against the tiny reward model: gae (a critic from
+    the reward model), adaptive KL, reward normalization, reference and reward model sharded."""
+    args = dict(
+        model=folder / "policy",
+        reward_model=folder / "rm",
+        prompts=folder / "prompts.txt",
+        eval_prompts=folder / "eval.txt",
+        rollout_batch_size=4,
+        samples_per_prompt=2,
+        max_new_tokens=4,
+        max_steps=steps,
+        num_minibatches=2,
+        learning_rate=1e-3,
+        critic_learning_rate=1e-3,
+        output_dir=out,
+        eval_every=0,
+        save_every=1,
+        keep_last="none",
+        device="cpu",
+        adaptive_kl="true",
+        normalize_reward="true",
+        reference_placement="shard",
+        reward_model_placement="shard",
+        save_final="true",
+    )
+    argv = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
+    return _torchrun(n, "-m", "fastppo", "train", *argv, *flags).stdout
 
 
 def _metrics(folder):
@@ -40,7 +71,7 @@ def _metrics(folder):
 @pytest.fixture(scope="module")
 def update(tmp_path_factory):
     path = tmp_path_factory.mktemp("update") / "update.json"
-    _torchrun(2, "update", path)
+    _torchrun(2, WORKER, "update", path)
     return json.loads(path.read_text())
 
 
@@ -70,20 +101,19 @@ def test_a_sharded_weight_passed_to_an_op_is_a_clear_error(update):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     subprocess.run([sys.executable, str(WORKER), "models", root], check=True, cwd=ROOT)
-    policy, rm = root / "policy", root / "rm"
     a = root / "a"
-    _torchrun(2, "train", policy, rm, a, 2)  # checkpoints after steps 1 and 2
-    out = {"a": a}
+    out = {"a": a, "a_log": _train(2, root, a, 2)}  # checkpoints after steps 1 and 2
     for name, ranks, steps in (("b", 2, 2), ("c", 1, 3)):  # resumed from step 1
         shutil.copytree(a, root / name)
         shutil.rmtree(root / name / "checkpoint-2")
         out[name] = root / name
-        out[f"{name}_log"] = _torchrun(ranks, "train", policy, rm, root / name, steps, "--resume").stdout
+        out[f"{name}_log"] = _train(ranks, root, root / name, steps, "--resume")
     return out
 
 
 def test_a_two_rank_run_writes_sharded_checkpoints_without_pickle(runs):
     a = _metrics(runs["a"])
+    assert "2 ranks (fsdp)" in runs["a_log"]
     assert [m["step"] for m in a] == [1, 2] and all(m["world_size"] == 2 for m in a)
     ck = runs["a"] / "checkpoint-1"
     names = {p.name for p in ck.iterdir()}
