@@ -56,10 +56,18 @@ PLAN=(
 EXTRA=(  # not in the default plan: for a second call, when device time is left
   "losses|120|$BENCH losses advantages --output $out/losses.json"
   "tune|540|$PY -m fastppo.bench.tune_linear"
-  "nccl|120|$PY -m torch.distributed.run --nproc-per-node 1 -m fastppo train --max-steps 2 --output-dir $out/nccl"
+  "nccl|120|nccl_smoke"
 )
 DEFAULT_STEPS="install wheels env tests logprobs linear generate e2e profile report"
 MAX_TOTAL=480
+
+nccl_smoke() {  # one rank of `torchrun -m fastppo train` on CUDA with NCCL, on the tests' tiny models
+    $PY tests/_dist_worker.py models /tmp/nccl-models &&
+        $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m fastppo train \
+            --model /tmp/nccl-models/policy --reward-model /tmp/nccl-models/rm \
+            --prompts /tmp/nccl-models/prompts.txt --max-steps 2 --device cuda --backend nccl \
+            --progress-bar false --output-dir "$out/nccl"
+}
 
 install_wheels() {  # the baselines' wheels (bench/fetch_wheels.sh), where the call carried .whl/
     if ! compgen -G ".whl/*.whl" >/dev/null; then echo "no .whl/*.whl carried: Liger/CCE rows will be skipped"; return 0; fi
@@ -145,7 +153,7 @@ for step in $steps; do
     echo "== $step (limit ${limit}s): $cmd" | tee -a "$log"
     t0=$SECONDS
     if declare -F "$cmd" >/dev/null; then  # a function of this script: runs in this shell
-        export -f install_wheels environment report
+        export -f install_wheels environment report nccl_smoke
         export PY out
         timeout -k 5 "$limit" bash -c "$cmd" 2>&1 | tee -a "$log"
     else
