@@ -194,8 +194,11 @@ def test_gpu_check_extra_steps_are_outside_the_default_plan():
     assert out.returncode == 0, out.stdout + out.stderr
     plan = _plan(out.stdout)
     assert list(plan) == ["losses", "tune", "nccl"]
-    assert "torch.distributed.run --nproc-per-node 1 -m fastppo train --max-steps 2 --output-dir " in plan["nccl"][1]
-    assert plan["nccl"][1].endswith("/nccl")
+    assert plan["nccl"][1] == "nccl_smoke"  # a function of the script: torchrun -m fastppo train on CUDA
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    body = script[script.index("nccl_smoke() {") : script.index("\n}\n", script.index("nccl_smoke() {"))]
+    assert "-m torch.distributed.run --standalone --nproc-per-node 1 -m fastppo train" in body
+    assert "--backend nccl" in body and "--device cuda" in body and '"$out/nccl"' in body
 
 
 def test_readme_documents_the_device_call_of_the_gpu_check():
