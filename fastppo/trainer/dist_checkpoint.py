@@ -4,7 +4,8 @@
 
 * ``weights/``: the policy's and critic's weights and their optimizers' states, every rank writing its
   own shards (``HuggingFaceStorageWriter``: safetensors files whose headers are DCP's metadata, so
-  loading unpickles nothing — DCP's default ``FileSystemReader`` would unpickle a ``.metadata`` file);
+  loading unpickles nothing — DCP's default ``FileSystemReader`` would unpickle a ``.metadata`` file;
+  a torch without that writer falls back to the default one: trust boundary in :func:`_reader`);
   a run on any number of ranks can load them (DCP reshards);
 * ``rank-<r>.json`` + ``rank-<r>.safetensors``: rank ``r``'s :meth:`PPOTrainer.state_dict` (its RNG
   streams; the data position, KL controller and reward normalizer are the same on every rank);
@@ -41,6 +42,32 @@ def _options():
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def _writer(path: pathlib.Path):
+    """DCP's safetensors writer, every rank writing its own shards. Its flag was ``save_sharded`` in
+    early releases and is ``save_distributed`` since; without the class (torch < 2.8), the default
+    ``FileSystemWriter``, whose ``.metadata`` file is a pickle (see :func:`_reader`)."""
+    import inspect
+
+    import torch.distributed.checkpoint as dcp
+
+    cls = getattr(dcp, "HuggingFaceStorageWriter", None)
+    if cls is None:
+        return dcp.FileSystemWriter(str(path))
+    params = inspect.signature(cls.__init__).parameters
+    flag = next((f for f in ("save_distributed", "save_sharded") if f in params), None)
+    return cls(str(path), **({flag: True} if flag else {}))
+
+
+def _reader(path: pathlib.Path):
+    """The reader of :func:`_writer`'s files. A ``FileSystemWriter`` checkpoint unpickles its
+    ``.metadata`` on load: only load such a checkpoint if you trust whoever wrote the folder."""
+    import torch.distributed.checkpoint as dcp
+
+    if (path / ".metadata").is_file():
+        return dcp.FileSystemReader(str(path))
+    return dcp.HuggingFaceStorageReader(str(path))
+
+
 def _states(learner) -> tuple[dict, dict]:
     """``(tensors, rest)``: the flat model + optimizer state dicts of ``learner``'s modules, keyed
     ``<name>.<fqn>`` and ``<name>_optimizer.<key>``, split into (D)tensors and everything else."""
@@ -64,7 +91,6 @@ def save_checkpoint(trainer, *, keep_last: int | None = None) -> pathlib.Path:
     ``keep_last``. Returns the folder."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     dist, learner = trainer.dist, trainer.learner
     root = pathlib.Path(trainer.config.run.output_dir)
@@ -76,7 +102,7 @@ def save_checkpoint(trainer, *, keep_last: int | None = None) -> pathlib.Path:
         tmp.mkdir()
     dist.barrier()
     tensors, rest = _states(learner)
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / "weights"), save_distributed=True))
+    dcp.save(tensors, storage_writer=_writer(tmp / "weights"))
     rank_tensors: dict = {}
     rank_state = encode(trainer.state_dict(), rank_tensors)
     save_file(rank_tensors, str(tmp / f"rank-{dist.rank}.safetensors"))
@@ -124,7 +150,6 @@ def load_checkpoint(trainer, folder) -> list[str]:
     Returns notes for the console."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     from fastppo.trainer.distributed import RANK_SEED_STRIDE
@@ -143,7 +168,7 @@ def load_checkpoint(trainer, folder) -> list[str]:
     if (learner.critic is not None) != has_critic:
         raise ValueError(f"{folder}: the checkpoint {'has' if has_critic else 'has no'} critic but this run differs")
     tensors, _ = _states(learner)
-    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "weights")))
+    dcp.load(tensors, storage_reader=_reader(folder / "weights"))
     flat = {**tensors, **decode(meta["optimizer_hyperparameters"], {})}
     for name, mod, opt, sched in _MODULES:
         module = getattr(learner, mod)
