@@ -144,3 +144,12 @@ def test_summary_of_a_cuda_trace():
     assert ph["ref"]["ran"] is False and ph["ref"]["note"]
     md = markdown(s)
     assert "| values | - | - | - | - | - | did not run: no critic |" in md
+
+
+def test_profile_refuses_torchrun(monkeypatch, capsys):
+    from fastppo.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["profile"]) == 2
+    assert "not under torchrun" in capsys.readouterr().err

@@ -53,6 +53,10 @@ def _steps_flag(argv) -> int | None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from fastppo.trainer.distributed import torchrun_env
+
+    if torchrun_env():  # every rank would write the same files; the phases are per process anyway
+        return _error("fastppo profile runs in one process, not under torchrun")
     base = {"output_dir": OUTPUT_DIR, "progress_bar": False}
     demo = not model_given(argv)
     if demo:
