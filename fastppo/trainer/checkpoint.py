@@ -145,12 +145,19 @@ def save_checkpoint(trainer, *, keep_last: int | None = None) -> pathlib.Path:
     trainer.config.to_yaml(tmp / "config.yaml")
     with open(tmp / "state.json", "w") as f:  # last: its presence marks the folder complete
         json.dump({"format": FORMAT, "step": step, "state": state}, f)
-    for p in tmp.iterdir():
+    return publish(tmp, final, keep_last=keep_last)
+
+
+def publish(tmp: pathlib.Path, final: pathlib.Path, *, keep_last: int | None) -> pathlib.Path:
+    """Make the written folder ``tmp`` the checkpoint ``final``: fsync every file and folder in it, rename
+    it into place, then delete all but the newest ``keep_last`` checkpoints beside it."""
+    root = final.parent
+    for p in sorted(tmp.rglob("*"), reverse=True):  # files before the folders that list them
         _fsync(p)
     _fsync(tmp)
     old = None
     if final.exists():  # the same step saved twice (a resumed run stopped at once): swap, then delete
-        old = root / f"{TMP_PREFIX}{step}-old"
+        old = tmp.with_name(f"{tmp.name}-old")
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync(root)

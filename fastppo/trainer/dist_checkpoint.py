@@ -21,13 +21,11 @@ rank's RNG streams are re-seeded from (seed, rank, step) (the batch split differ
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
 
 import torch
 
-from fastppo.trainer.checkpoint import PREFIX, TMP_PREFIX, _fsync, _remove_tmp, checkpoints, decode, encode
+from fastppo.trainer.checkpoint import PREFIX, TMP_PREFIX, _fsync, _remove_tmp, decode, encode, publish
 
 FORMAT = 1
 _MODULES = (  # (name, module attribute, optimizer attribute, scheduler attribute) of a Learner
@@ -125,22 +123,7 @@ def save_checkpoint(trainer, *, keep_last: int | None = None) -> pathlib.Path:
         trainer.config.to_yaml(tmp / "config.yaml")
         with open(tmp / "state.json", "w") as f:  # last: its presence marks the folder complete
             json.dump(meta, f)
-        for p in tmp.rglob("*"):
-            _fsync(p)
-        _fsync(tmp / "weights")
-        _fsync(tmp)
-        old = None
-        if final.exists():
-            old = root / f"{TMP_PREFIX}{step}-old"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync(root)
-        if old is not None:
-            shutil.rmtree(old)
-        if keep_last is not None:
-            for _, p in checkpoints(root)[:-keep_last]:
-                if p != final:
-                    shutil.rmtree(p)
+        publish(tmp, final, keep_last=keep_last)
     dist.barrier()  # no rank goes on before the checkpoint is in place
     return final
 
