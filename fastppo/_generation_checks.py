@@ -204,3 +204,54 @@ def check_prompts(input_ids, attention_mask, vocab: int, device):
             "use tokenizer.padding_side = 'left'"
         )
     return ids, mask, lengths
+
+
+# the decoder layers whose forward :class:`fastppo.generation.DirectDecode` reproduces: pre-norm residual
+# blocks of RMSNorm, q/k/v projections (biases or not), RoPE through ``apply_rotary_pos_emb``, attention,
+# o_proj, RMSNorm, ``down(act(gate(x)) * up(x))``; the model: embedding, these layers, a final norm, lm_head
+_DIRECT_LAYERS = {
+    "llama": ("LlamaForCausalLM", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+    "mistral": ("MistralForCausalLM", "MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
+}
+
+
+def _is(module, name: str, family: str) -> bool:
+    cls = type(module)
+    return cls.__name__ == name and cls.__module__ == f"transformers.models.{family}.modeling_{family}"
+
+
+def direct_decode_layers(model) -> list | None:
+    """The decoder layers of ``model`` when :class:`fastppo.generation.DirectDecode` can run its decode
+    step (exactly the classes of :data:`_DIRECT_LAYERS`, every projection a plain ``nn.Linear``, the
+    embedding a plain ``nn.Embedding``, no forward hook or pre-hook anywhere: PEFT adapters, quantized
+    layers and hooks keep the model's own forward); None otherwise."""
+    family = next((f for f, names in _DIRECT_LAYERS.items() if _is(model, names[0], f)), None)
+    if family is None:
+        return None
+    _, layer_cls, attn_cls, mlp_cls, norm_cls = _DIRECT_LAYERS[family]
+    base = getattr(model, "model", None)
+    if base is None or any(not hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    if type(base.embed_tokens) is not torch.nn.Embedding or type(model.lm_head) is not torch.nn.Linear:
+        return None
+    if getattr(base.config, "pretraining_tp", 1) != 1 or not _is(base.norm, norm_cls, family):
+        return None
+    layers = list(base.layers[: base.config.num_hidden_layers])
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not (_is(layer, layer_cls, family) and _is(attn, attn_cls, family) and _is(mlp, mlp_cls, family)):
+            return None
+        norms = (getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm"))
+        if not all(_is(n, norm_cls, family) for n in norms):
+            return None
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(lin) is not torch.nn.Linear for lin in linears):
+            return None
+        for group in (linears[:3], linears[4:6]):  # fused below: all with a bias or none
+            if len({lin.bias is None for lin in group}) != 1:
+                return None
+    return layers

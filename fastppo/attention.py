@@ -267,7 +267,7 @@ def fastppo_attention(
         )
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(plan, SdpaDecode):
-        out = _decode_sdpa(plan, query, key, value, k_cache, v_cache, scale)
+        out = decode_sdpa(plan, query, key, value, k_cache, v_cache, scale)
     elif isinstance(plan, FlashDecode):
         out = _decode_flash(plan, query, key, value, k_cache, v_cache, scale)
     elif isinstance(plan, PackedPrefill):
@@ -343,7 +343,9 @@ def _decode_flash(plan: FlashDecode, query, key, value, k_cache, v_cache, scale)
     )
 
 
-def _decode_sdpa(plan: SdpaDecode, query, key, value, k_cache, v_cache, scale):
+def decode_sdpa(plan: SdpaDecode, query, key, value, k_cache, v_cache, scale):
+    """One decode step of SDPA attention for the first ``b`` cache rows: ``query`` ``[b, Hq, 1, D]``,
+    ``key``/``value`` ``[b, Hkv, 1, D]`` written at slots ``plan.seqlens``; returns ``[b, 1, Hq, D]``."""
     b, hq, _, d = query.shape
     hkv = key.shape[1]
     kv_len = plan.mask.shape[-1]

@@ -35,6 +35,7 @@ from fastppo._generation_checks import (
     MAX_EOS,
     check_prompts,
     check_sampling,
+    direct_decode_layers,
     eval_mode,
     inspect_model,
     special_tokens,
@@ -49,6 +50,7 @@ from fastppo.attention import (
     PaddedPrefill,
     SdpaDecode,
     attn_implementation,
+    decode_sdpa,
     flash_attn_available,
     pack_padded,
 )
@@ -145,13 +147,77 @@ def _buckets(max_batch_size: int) -> list[int]:
     return [*sizes, max_batch_size]
 
 
+class DirectDecode:
+    """The decode step's model forward, written out for the models of
+    :func:`fastppo._generation_checks.direct_decode_layers` (Llama, Qwen2, Mistral).
+
+    ``DirectDecode(model, layers)(plan, tokens [b, 1], positions [b, 1]) -> logits [b, 1, V]``: the
+    operations of the model's own forward on one token per row, calling its embedding, rotary embedding,
+    norms, activation and lm_head modules, with attention by :func:`fastppo.attention.decode_sdpa` (what
+    the model's path through ``fastppo_attention`` runs); without the rest of that forward: mask creation,
+    output capture, kwargs plumbing and the nested module calls, most of an eager step of a small model
+    on CPU. Two fusions: q/k/v in one GEMM and gate/up in another (their weights concatenated, once per
+    :meth:`Generator.generate` call: the optimizer updates the weights in place between calls; dropped
+    after it), and RoPE on q and k at once (elementwise: the same values).
+    """
+
+    def __init__(self, model, layers):
+        self.embed, self.rotary, self.norm = model.model.embed_tokens, model.model.rotary_emb, model.model.norm
+        self.lm_head = model.lm_head
+        self.layers = []
+        with torch.no_grad():
+            for layer in layers:
+                a, mlp = layer.self_attn, layer.mlp
+                head_dim = a.head_dim
+                cat = lambda mods: (  # noqa: E731
+                    torch.cat([m.weight for m in mods]),
+                    None if mods[0].bias is None else torch.cat([m.bias for m in mods]),
+                )
+                self.layers.append(
+                    dict(
+                        norm1=layer.input_layernorm,
+                        norm2=layer.post_attention_layernorm,
+                        qkv=cat([a.q_proj, a.k_proj, a.v_proj]),
+                        gate_up=cat([mlp.gate_proj, mlp.up_proj]),
+                        o=(a.o_proj.weight, a.o_proj.bias),
+                        down=(mlp.down_proj.weight, mlp.down_proj.bias),
+                        act=mlp.act_fn,
+                        head_dim=head_dim,
+                        heads=a.q_proj.out_features // head_dim,
+                        kv_heads=a.k_proj.out_features // head_dim,
+                        scale=float(a.scaling),
+                        layer_idx=a.layer_idx,
+                    )
+                )
+
+    def __call__(self, plan: SdpaDecode, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        F = torch.nn.functional
+        b = tokens.shape[0]
+        h = self.embed(tokens)
+        cos, sin = self.rotary(h, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [b, 1, 1, D] over [b, heads, 1, D]
+        for f in self.layers:
+            x = f["norm1"](h)
+            nq, nkv = f["heads"], f["kv_heads"]
+            qkv = F.linear(x, *f["qkv"]).view(b, 1, -1, f["head_dim"]).transpose(1, 2)  # [b, Hq + 2 Hkv, 1, D]
+            qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv :]
+            half = qk.shape[-1] // 2
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            i = f["layer_idx"]
+            out = decode_sdpa(plan, qk[:, :nq], qk[:, nq:], v, plan.cache.keys[i], plan.cache.values[i], f["scale"])
+            h = h + F.linear(out.reshape(b, 1, -1), *f["o"])
+            gate, up = F.linear(f["norm2"](h), *f["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(f["act"](gate) * up, *f["down"])
+        return self.lm_head(self.norm(h))
+
+
 class Generator:
     """Rollout engine around a Hugging Face causal LM with full attention (tested: Llama, Qwen2, Mistral).
     A sliding window (Mistral, Qwen2's ``use_sliding_window``) is accepted when ``max_length <=
     sliding_window``: every query then sees all its keys, as with full attention.
 
     ``Generator(model, *, max_batch_size, max_length, cuda_graphs="auto", attention="auto",
-    prefill="auto", check_every=16, kv_block=None, compile=False)``
+    prefill="auto", check_every=16, kv_block=None, compile=False, direct_decode="auto")``
 
     * ``max_batch_size``: rows per decode batch (larger inputs are generated in chunks of this size);
       ``max_length``: prompt width + ``max_new_tokens`` limit. The KV cache
@@ -165,6 +231,10 @@ class Generator:
     * ``compile``: ``torch.compile`` the decode step (before capturing it on CUDA): fuses the model's
       elementwise ops (norms, rotary, activations), fewer kernels per step. Experimental: each
       (bucket, key length, mode) compiles once, at its first use.
+    * ``direct_decode``: run the decode step's forward as :class:`DirectDecode` (the same operations, without
+      the model's per-call overhead; under ``torch.inference_mode``). ``"auto"``: for a Llama, Qwen2 or
+      Mistral model without adapters or hooks when the step runs eagerly (no CUDA graphs, no ``compile``,
+      SDPA attention); ``True``: the same, an error where it cannot; ``False``: always the model's forward.
 
     A wrapped ``model`` is unwrapped: a model compiled by ``torch.compile`` (``OptimizedModule``), DDP,
     ``DataParallel`` or any wrapper holding it in ``.module``. The Generator runs the underlying eager
@@ -184,6 +254,7 @@ class Generator:
         check_every: int = 16,
         kv_block: int | None = None,
         compile: bool = False,
+        direct_decode="auto",
     ):
         model = unwrap_model(model)
         max_batch_size = check_number("max_batch_size", max_batch_size, integer=True, ge=1)
@@ -202,6 +273,7 @@ class Generator:
         if attention == "flash" and not flash_ok:
             raise ValueError("attention='flash' needs the flash-attn package, a CUDA model and fp16/bf16 weights")
         check_choice("prefill", prefill, ("auto", "packed", "padded"))
+        direct_decode = check_choice("direct_decode", direct_decode, ("auto", True, False))
         self.model = model
         self.info = info
         self.max_batch_size = max_batch_size
@@ -225,6 +297,15 @@ class Generator:
         self._step_fn = self._step
         if compile:
             self._step_fn = torch.compile(self._step, dynamic=False)
+        # the eager loop (no graphs, no compile) pays every op's dispatch: no autograd bookkeeping in it
+        self._eager = not cuda_graphs and not compile
+        self.direct_decode = False
+        if direct_decode is not False:
+            why = self._direct_unsupported()
+            if why is not None and direct_decode is True:
+                raise ValueError(f"direct_decode=True: {why}")
+            self.direct_decode = why is None
+        self._direct = None  # the DirectDecode of the generate call under way
         self._probe()
 
     # ---------------------------------------------------------------------------------------------
@@ -251,6 +332,17 @@ class Generator:
             "finished": self.finished,
             "step_idx": self.step_idx,
         }
+
+    def _direct_unsupported(self) -> str | None:
+        """Why the decode step cannot run as :class:`DirectDecode` (None: it can)."""
+        if not self._eager or self.attention != "sdpa":
+            return "it needs the eager decode loop (no CUDA graphs, no compile) with SDPA attention"
+        if direct_decode_layers(self.model) is None:
+            return (
+                f"{type(self.model).__name__} is not a Llama, Qwen2 or Mistral causal LM with plain nn.Linear "
+                "projections and no hooks"
+            )
+        return None
 
     def _forward(self, plan: AttentionPlan, **inputs) -> torch.Tensor:
         return self.model(**inputs, use_cache=False, fastppo_plan=plan).logits
@@ -336,12 +428,17 @@ class Generator:
         if self.cuda_graphs:
             self._check_params()
         r = self.max_batch_size
-        parts = [
-            self._generate_chunk(
-                ids[i : i + r], mask[i : i + r], lengths[i : i + r], max_new_tokens, mode, bool(eos), seed + i
-            )
-            for i in range(0, ids.shape[0], r)
-        ]
+        layers = direct_decode_layers(self.model) if self.direct_decode else None  # hooks may have come since
+        self._direct = DirectDecode(self.model, layers) if layers is not None else None
+        try:
+            parts = [
+                self._generate_chunk(
+                    ids[i : i + r], mask[i : i + r], lengths[i : i + r], max_new_tokens, mode, bool(eos), seed + i
+                )
+                for i in range(0, ids.shape[0], r)
+            ]
+        finally:
+            self._direct = None  # its fused weights are copies: free them, and never reuse stale ones
         return self._merge(ids, parts, pad_token_id)
 
     def reset_graphs(self) -> None:
@@ -378,7 +475,8 @@ class Generator:
         rows = ids.shape[0]
         longest = int(lengths.max())
         self._rng.manual_seed(seed)
-        with torch.no_grad(), attn_implementation(self.model), eval_mode(self.model):
+        grad_mode = torch.inference_mode() if self._eager else torch.no_grad()  # outputs are cloned outside it
+        with grad_mode, attn_implementation(self.model), eval_mode(self.model):
             self._sync()
             t0 = time.perf_counter()
             logits = self._prefill(ids, mask, lengths)
@@ -513,7 +611,11 @@ class Generator:
         else:
             valid = torch.arange(kv_len, device=seqlens.device) <= seqlens[:, None]
             plan = SdpaDecode(cache=self.cache, seqlens=seqlens, mask=valid[:, None, None, :])
-        logits = self._forward(plan, input_ids=self.tokens[:b, None], position_ids=seqlens[:, None], logits_to_keep=1)
+        if self._direct is not None:
+            logits = self._direct(plan, self.tokens[:b, None], seqlens[:, None])
+        else:
+            inputs = dict(input_ids=self.tokens[:b, None], position_ids=seqlens[:, None], logits_to_keep=1)
+            logits = self._forward(plan, **inputs)
         tok, lp = sample_tokens(
             logits[:, -1],
             mode=mode,

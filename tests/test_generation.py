@@ -169,6 +169,65 @@ def test_logprobs_match_a_full_forward(models, arch, sampling):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the direct decode step (DirectDecode) against the model's own forward
+# ---------------------------------------------------------------------------------------------------
+def _direct_models():
+    from tests._tiny_models import tiny_sliding
+
+    return {
+        "llama": lambda: tiny_llama(seed=2),
+        "qwen2": lambda: tiny_qwen2(seed=2),  # q/k/v biases
+        "llama-tied": lambda: tiny_llama(seed=2, tie_word_embeddings=True),
+        "mistral": lambda: tiny_sliding("mistral", 4096),
+    }
+
+
+@pytest.mark.parametrize("arch", list(_direct_models()))
+def test_direct_decode_gives_the_model_forwards_tokens_and_logprobs(arch):
+    model = _direct_models()[arch]()
+    ids, mask = ragged_prompts(5, max_len=P, seed=9)
+    outs = []
+    for direct in (False, True):
+        gen = fastppo.Generator(model, max_batch_size=8, max_length=P + 12, direct_decode=direct)
+        assert gen.direct_decode is direct
+        for sampling in (dict(do_sample=False), dict(temperature=0.7), dict(top_k=20, top_p=0.9)):
+            rng = torch.Generator().manual_seed(5)
+            outs.append(gen.generate(ids, mask, max_new_tokens=12, eos_token_id=None, generator=rng, **sampling))
+    for a, b in zip(outs[:3], outs[3:]):
+        assert torch.equal(a.sequences, b.sequences)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=1e-6)
+    assert torch.equal(outs[3].sequences, hf_greedy(model, ids, mask, 12))
+
+
+def test_direct_decode_sees_weight_updates_and_falls_back_on_hooks():
+    model = tiny_llama(seed=3)
+    ids, mask = ragged_prompts(3, max_len=P, seed=4)
+    gen = fastppo.Generator(model, max_batch_size=4, max_length=P + 6)
+    assert gen.direct_decode  # the default on CPU
+
+    def greedy():
+        return gen.generate(ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=None).sequences
+
+    before = greedy()
+    with torch.no_grad():  # an in-place update, as an optimizer step: the fused weights are rebuilt per call
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(-3.0)
+            layer.mlp.up_proj.weight.mul_(2.0)
+    after = greedy()
+    assert not torch.equal(before, after)
+    assert torch.equal(after, hf_greedy(model, ids, mask, 6))
+    calls = []
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:  # a hook added after construction: the model's own forward, which runs it
+        assert torch.equal(greedy(), after) and len(calls) == 1 + 5  # prefill + 5 decode steps
+        with pytest.raises(ValueError, match="direct_decode=True"):
+            fastppo.Generator(model, max_batch_size=4, max_length=P + 6, direct_decode=True)
+    finally:
+        handle.remove()
+    assert not fastppo.Generator(model, max_batch_size=4, max_length=P + 6, compile=True).direct_decode
+
+
+# ---------------------------------------------------------------------------------------------------
 # sampling reproducibility, timing, side effects
 # ---------------------------------------------------------------------------------------------------
 def test_seeded_sampling_is_reproducible(models):
