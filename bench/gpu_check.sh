@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: ONE prepared command for ONE device call, under 8 minutes on an H100/H200 from a
-# bare machine (the steps' limits add up to 475 s, at most MAX_TOTAL=480: the dry run checks it).
+# bare machine (the steps' limits add up to 470 s, at most MAX_TOTAL=480: the dry run checks it).
 #
 #   here, first (needs PyPI):   bash bench/fetch_wheels.sh       # Liger-Kernel, Cut-Cross-Entropy -> .whl/
 #   the device call:            command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 540
@@ -15,13 +15,14 @@
 #   generate.json  fastppo bench generate (Generator with and without graphs vs HF eager and static+compile)
 #   ppo_step.json  fastppo bench ppo_step (the end-to-end trainer step vs TRL's PPOTrainer, tok/s)
 #   profile/       fastppo profile: trace.json (Chrome/Perfetto), summary.json, summary.md
+#   nccl/          torchrun -m fastppo train, one rank over NCCL on the tests' tiny models (a smoke run)
 #   report.md, report.png   python -m fastppo.bench.report over the JSON files
 # Each JSON is rewritten after every case. Commit them as bench/results/DEVICE-DATE-STEP.json
 # (DEVICE as `fastppo bench` names it: nvidia-h200), then regenerate README's tables from them:
 #   python -m fastppo.bench.report --readme README.md bench/results/*.json
 # Not in the default plan (a second call, if device time is left; name install and wheels first):
-# losses (policy/value loss, KL, GAE, whitening, torch.compile peers included), tune (the bf16 tile
-# sweep of the linear kernels) and nccl (a 1-rank torchrun smoke of the trainer over NCCL).
+# losses (policy/value loss, KL, GAE, whitening, torch.compile peers included) and tune (the bf16
+# tile sweep of the linear kernels).
 #
 # Everything comes from the image (torch, triton, transformers, pytest) or the carried wheels: no
 # registry is reached, and no pytest plugin is assumed (each step is bounded by coreutils' timeout).
@@ -42,23 +43,23 @@ BENCH="$PY -m fastppo.bench --device cuda"
 
 # name | limit (s) | command; in the order they run
 PLAN=(
-  "install|40|$PY -m pip install -q --no-deps --no-build-isolation -e ."
+  "install|35|$PY -m pip install -q --no-deps --no-build-isolation -e ."
   "wheels|10|install_wheels"
   "env|10|environment"
-  "tests|100|env FASTPPO_TEST_CUDA=1 $PY -m pytest -q -x -p no:cacheprovider $(echo $KERNEL_TESTS)"
-  "logprobs|80|$BENCH logprobs --output $out/logprobs.json"
-  "linear|75|$BENCH linear_logprobs --output $out/linear.json"
-  "generate|45|$BENCH generate --impls $GEN_IMPLS --output $out/generate.json"
-  "e2e|60|$BENCH ppo_step --output $out/ppo_step.json"
-  "profile|45|$PY -m fastppo profile --output-dir $out/profile --max-steps 3"
+  "tests|90|env FASTPPO_TEST_CUDA=1 $PY -m pytest -q -x -p no:cacheprovider $(echo $KERNEL_TESTS)"
+  "logprobs|75|$BENCH logprobs --output $out/logprobs.json"
+  "linear|70|$BENCH linear_logprobs --output $out/linear.json"
+  "generate|40|$BENCH generate --impls $GEN_IMPLS --output $out/generate.json"
+  "e2e|50|$BENCH ppo_step --output $out/ppo_step.json"
+  "profile|40|$PY -m fastppo profile --output-dir $out/profile --max-steps 3"
+  "nccl|40|nccl_smoke"
   "report|10|report"
 )
 EXTRA=(  # not in the default plan: for a second call, when device time is left
   "losses|120|$BENCH losses advantages --output $out/losses.json"
   "tune|540|$PY -m fastppo.bench.tune_linear"
-  "nccl|120|nccl_smoke"
 )
-DEFAULT_STEPS="install wheels env tests logprobs linear generate e2e profile report"
+DEFAULT_STEPS="install wheels env tests logprobs linear generate e2e profile nccl report"
 MAX_TOTAL=480
 
 nccl_smoke() {  # one rank of `torchrun -m fastppo train` on CUDA with NCCL, on the tests' tiny models

@@ -177,7 +177,7 @@ def test_gpu_check_dry_run_prints_a_plan_that_fits():
     out = _gpu_check("--dry-run")
     assert out.returncode == 0, out.stdout + out.stderr
     plan = _plan(out.stdout)
-    steps = ["install", "wheels", "env", "tests", "logprobs", "linear", "generate", "e2e", "profile", "report"]
+    steps = ["install", "wheels", "env", "tests", "logprobs", "linear", "generate", "e2e", "profile", "nccl", "report"]
     assert list(plan) == steps
     total = int(next(line for line in out.stdout.splitlines() if "total" in line).split()[1].rstrip("s"))
     assert total == sum(limit for limit, _ in plan.values()) <= 480
@@ -186,19 +186,19 @@ def test_gpu_check_dry_run_prints_a_plan_that_fits():
     assert "fastppo.bench --device cuda ppo_step --output " in plan["e2e"][1]
     assert plan["e2e"][1].endswith("/ppo_step.json")
     assert re.search(r"-m fastppo profile --output-dir \S+/profile --max-steps 3$", plan["profile"][1])
-    assert "FAIL" not in out.stdout
-
-
-def test_gpu_check_extra_steps_are_outside_the_default_plan():
-    out = _gpu_check("--dry-run", "losses", "tune", "nccl")
-    assert out.returncode == 0, out.stdout + out.stderr
-    plan = _plan(out.stdout)
-    assert list(plan) == ["losses", "tune", "nccl"]
     assert plan["nccl"][1] == "nccl_smoke"  # a function of the script: torchrun -m fastppo train on CUDA
     script = (ROOT / "bench" / "gpu_check.sh").read_text()
     body = script[script.index("nccl_smoke() {") : script.index("\n}\n", script.index("nccl_smoke() {"))]
     assert "-m torch.distributed.run --standalone --nproc-per-node 1 -m fastppo train" in body
     assert "--backend nccl" in body and "--device cuda" in body and '"$out/nccl"' in body
+    assert "FAIL" not in out.stdout
+
+
+def test_gpu_check_extra_steps_are_outside_the_default_plan():
+    out = _gpu_check("--dry-run", "losses", "tune")
+    assert out.returncode == 0, out.stdout + out.stderr
+    plan = _plan(out.stdout)
+    assert list(plan) == ["losses", "tune"]
 
 
 def test_readme_documents_the_device_call_of_the_gpu_check():
