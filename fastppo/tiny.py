@@ -48,7 +48,8 @@ def _build(cls, config, seed, dtype):
     return model
 
 
-def tiny_llama(
+def tiny_causal_lm(
+    family: str = "llama",
     vocab: int = 128,
     *,
     seed: int = 0,
@@ -62,38 +63,27 @@ def tiny_llama(
     attn_implementation: str = "sdpa",
     tie_word_embeddings: bool = False,
 ):
-    """A random ``LlamaForCausalLM`` from a config (float32, eval mode)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random causal LM of ``family`` (``"llama"`` or ``"qwen2"``: biases on q/k/v) from a config
+    (float32, eval mode); :func:`tiny_llama` and :func:`tiny_qwen2` name the two."""
+    import transformers
 
-    config = LlamaConfig(
+    name = {"llama": "Llama", "qwen2": "Qwen2"}[family]
+    config_cls, model_cls = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+    config = config_cls(
         **_common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions, tie_word_embeddings)
     )
     config._attn_implementation = attn_implementation
-    return _build(LlamaForCausalLM, config, seed, dtype)
+    return _build(model_cls, config, seed, dtype)
 
 
-def tiny_qwen2(
-    vocab: int = 128,
-    *,
-    seed: int = 0,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    max_positions: int = 256,
-    dtype=torch.float32,
-    attn_implementation: str = "sdpa",
-    tie_word_embeddings: bool = False,
-):
-    """A random ``Qwen2ForCausalLM`` from a config (biases on q/k/v; float32, eval mode)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_llama(vocab: int = 128, **kwargs):
+    """A random ``LlamaForCausalLM`` from a config (float32, eval mode); keywords as :func:`tiny_causal_lm`."""
+    return tiny_causal_lm("llama", vocab, **kwargs)
 
-    config = Qwen2Config(
-        **_common(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions, tie_word_embeddings)
-    )
-    config._attn_implementation = attn_implementation
-    return _build(Qwen2ForCausalLM, config, seed, dtype)
+
+def tiny_qwen2(vocab: int = 128, **kwargs):
+    """A random ``Qwen2ForCausalLM`` (biases on q/k/v; float32, eval mode); keywords as :func:`tiny_causal_lm`."""
+    return tiny_causal_lm("qwen2", vocab, **kwargs)
 
 
 def tiny_reward_model(
