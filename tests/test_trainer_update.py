@@ -90,3 +90,30 @@ def test_target_kl_stops_the_remaining_epochs(tmp_path):
         trainer.step()
         counts[target] = trainer.learner.policy_scheduler.last_epoch  # optimizer steps taken
     assert counts[None] == 6 and counts[1e-12] < 6
+
+
+def test_optimizer_is_fused_on_cpu_and_steps_as_the_default_adamw():
+    from types import SimpleNamespace
+
+    from fastppo.trainer.update import make_optimizer
+
+    ppo = SimpleNamespace(adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5), torch.randn(5)]
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    runs = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        if fused:
+            opt = make_optimizer([*params, frozen], 1e-2, ppo)
+            assert opt.defaults["fused"] is True
+        else:  # the reference: torch's default (for-each / single-tensor) implementation
+            opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        assert len(opt.param_groups[0]["params"]) == 2  # the frozen one is left out
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 1))
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
