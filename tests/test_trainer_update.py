@@ -1,6 +1,7 @@
 """The PPO update: the gradient does not depend on the micro-batch size; non-finite values stop the run."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -117,3 +118,18 @@ def test_optimizer_is_fused_on_cpu_and_steps_as_the_default_adamw():
         runs.append(params)
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_reuse_rollout_logprobs_takes_the_generators_and_skips_the_old_policy_forward(tmp_path):
+    runs = {}
+    for reuse in (False, True):
+        trainer = _trainer(tmp_path / str(reuse), reuse_rollout_logprobs=reuse, eval_every=0)
+        calls = []
+        trainer.head.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        runs[reuse] = (trainer.step(), len(calls))
+    (base, base_calls), (reused, reused_calls) = runs[False], runs[True]
+    assert reused_calls == base_calls - 1  # the old-policy pass (one micro-batch); the update's stay
+    assert reused["rollout_logprob_diff"] == 0 and 0 < base["rollout_logprob_diff"] < 1e-5
+    assert math.isnan(reused["entropy"]) and math.isfinite(base["entropy"])
+    for name in ("reward_mean", "kl", "policy_loss", "value_loss", "approx_kl", "grad_norm"):
+        assert reused[name] == pytest.approx(base[name], rel=1e-4, abs=1e-6), name

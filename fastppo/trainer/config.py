@@ -110,6 +110,10 @@ class RolloutConfig:
     """CUDA-graph the decode step (None: on for CUDA models)."""
     generation_batch_size: int | None = None
     """Rows per Generator batch (None: the whole rollout at once; larger rollouts go in chunks of this)."""
+    reuse_rollout_logprobs: bool = False
+    """Take the Generator's log-probs as the old policy's (prepare skips that policy forward, as TRL does): the
+    same in fp32 on one device (~1e-6 apart: rollout_logprob_diff before switching it on), bf16 rounding apart
+    under autocast; the entropy metric is NaN then (no forward computes it)."""
 
 
 @dataclass

@@ -411,9 +411,12 @@ class PPOTrainer:
         temperature = cfg.rollout.temperature
         ref = values = None
         with self._autocast()():
-            with phase("old_log_prob"):
-                out = [self.head(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
-                lp, ent = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+            if cfg.rollout.reuse_rollout_logprobs:  # the Generator's (0 past a row's end, as the head's)
+                lp, ent = roll.rollout_logprobs, torch.full_like(roll.rollout_logprobs, float("nan"))
+            else:
+                with phase("old_log_prob"):
+                    out = [self.head(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
+                    lp, ent = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
             if self.reference is not None:
                 with phase("ref"):
                     parts = [self.reference.logprobs(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
