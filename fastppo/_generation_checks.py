@@ -91,6 +91,9 @@ def _check_full_attention(name: str, text, max_length: int) -> None:
 
 @contextlib.contextmanager
 def eval_mode(model):
+    if not any(m.training for m in model.modules()):  # already in eval: train() would set every module twice
+        yield
+        return
     was_training = model.training
     model.eval()
     try:

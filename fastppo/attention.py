@@ -182,10 +182,12 @@ class PackedPrefill(_Plan):
 class SdpaDecode(_Plan):
     """One new token per row for the first ``B`` rows, SDPA over the first ``kv_len`` cache slots.
     ``seqlens`` int64 ``[B]``: tokens already cached (= the slot written now); ``mask`` bool
-    ``[B, 1, 1, kv_len]``: the valid slots ``0..seqlens``."""
+    ``[B, 1, 1, kv_len]``: the valid slots ``0..seqlens``; ``rows`` int64 ``[B]``: ``arange(B)`` (None: made
+    by every layer)."""
 
     seqlens: torch.Tensor
     mask: torch.Tensor
+    rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -350,9 +352,12 @@ def decode_sdpa(plan: SdpaDecode, query, key, value, k_cache, v_cache, scale):
     hkv = key.shape[1]
     kv_len = plan.mask.shape[-1]
     k_cache, v_cache = k_cache[:b], v_cache[:b]  # a bucket is the first rows: contiguous views
-    rows = torch.arange(b, device=query.device)
-    k_cache.index_put_((rows, plan.seqlens), key[:, :, 0].to(k_cache.dtype))
-    v_cache.index_put_((rows, plan.seqlens), value[:, :, 0].to(v_cache.dtype))
+    rows = plan.rows if plan.rows is not None else torch.arange(b, device=query.device)
+    key, value = key[:, :, 0], value[:, :, 0]
+    if key.dtype != k_cache.dtype:  # a Python test: a cast only where one is needed (autocast)
+        key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+    k_cache.index_put_((rows, plan.seqlens), key)
+    v_cache.index_put_((rows, plan.seqlens), value)
     k = k_cache[:, :kv_len].transpose(1, 2)  # [b, Hkv, kv_len, D], strided view, no copy
     v = v_cache[:, :kv_len].transpose(1, 2)
     # GQA without repeat_kv: the `groups` query heads of a kv head become `groups` query rows, so the

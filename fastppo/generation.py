@@ -164,51 +164,47 @@ class DirectDecode:
     def __init__(self, model, layers):
         self.embed, self.rotary, self.norm = model.model.embed_tokens, model.model.rotary_emb, model.model.norm
         self.lm_head = model.lm_head
-        self.layers = []
+        self.layers = []  # per layer: a tuple, read by position in the hot loop
         with torch.no_grad():
             for layer in layers:
                 a, mlp = layer.self_attn, layer.mlp
-                head_dim = a.head_dim
-                cat = lambda mods: (  # noqa: E731
-                    torch.cat([m.weight for m in mods]),
-                    None if mods[0].bias is None else torch.cat([m.bias for m in mods]),
-                )
+                d = a.head_dim
                 self.layers.append(
-                    dict(
-                        norm1=layer.input_layernorm,
-                        norm2=layer.post_attention_layernorm,
-                        qkv=cat([a.q_proj, a.k_proj, a.v_proj]),
-                        gate_up=cat([mlp.gate_proj, mlp.up_proj]),
-                        o=(a.o_proj.weight, a.o_proj.bias),
-                        down=(mlp.down_proj.weight, mlp.down_proj.bias),
-                        act=mlp.act_fn,
-                        head_dim=head_dim,
-                        heads=a.q_proj.out_features // head_dim,
-                        kv_heads=a.k_proj.out_features // head_dim,
-                        scale=float(a.scaling),
-                        layer_idx=a.layer_idx,
+                    (
+                        layer.input_layernorm,
+                        _cat_linear([a.q_proj, a.k_proj, a.v_proj]),
+                        (a.q_proj.out_features // d, a.k_proj.out_features // d, d),
+                        float(a.scaling),
+                        a.layer_idx,
+                        (a.o_proj.weight, a.o_proj.bias),
+                        layer.post_attention_layernorm,
+                        _cat_linear([mlp.gate_proj, mlp.up_proj]),
+                        mlp.act_fn,
+                        (mlp.down_proj.weight, mlp.down_proj.bias),
                     )
                 )
 
     def __call__(self, plan: SdpaDecode, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        F = torch.nn.functional
+        linear, cat = torch.nn.functional.linear, torch.cat
         b = tokens.shape[0]
+        keys, values = plan.cache.keys, plan.cache.values
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions)
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, 1, D] over [b, heads, 1, D]
-        for f in self.layers:
-            x = f["norm1"](h)
-            nq, nkv = f["heads"], f["kv_heads"]
-            qkv = F.linear(x, *f["qkv"]).view(b, 1, -1, f["head_dim"]).transpose(1, 2)  # [b, Hq + 2 Hkv, 1, D]
-            qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv :]
-            half = qk.shape[-1] // 2
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-            i = f["layer_idx"]
-            out = decode_sdpa(plan, qk[:, :nq], qk[:, nq:], v, plan.cache.keys[i], plan.cache.values[i], f["scale"])
-            h = h + F.linear(out.reshape(b, 1, -1), *f["o"])
-            gate, up = F.linear(f["norm2"](h), *f["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(f["act"](gate) * up, *f["down"])
+        for norm1, qkv, (nq, nkv, d), scale, i, o, norm2, gate_up, act, down in self.layers:
+            x = linear(norm1(h), *qkv).view(b, 1, -1, d).transpose(1, 2)  # [b, Hq + 2 Hkv, 1, D]
+            qk, v = x[:, : nq + nkv], x[:, nq + nkv :]
+            qk = qk * cos + cat((-qk[..., d // 2 :], qk[..., : d // 2]), dim=-1) * sin
+            out = decode_sdpa(plan, qk[:, :nq], qk[:, nq:], v, keys[i], values[i], scale)  # [b, 1, Hq, D]
+            h = h + linear(out.reshape(b, 1, -1), *o)
+            gate, up = linear(norm2(h), *gate_up).chunk(2, dim=-1)
+            h = h + linear(act(gate) * up, *down)
         return self.lm_head(self.norm(h))
+
+
+def _cat_linear(mods) -> tuple:
+    """``(weight, bias)`` of the ``nn.Linear`` modules ``mods`` stacked along their outputs (bias None without)."""
+    return torch.cat([m.weight for m in mods]), None if mods[0].bias is None else torch.cat([m.bias for m in mods])
 
 
 class Generator:
@@ -323,6 +319,7 @@ class Generator:
         self.temperature, self.top_p = z(dtype=torch.float32), z(dtype=torch.float32)
         self.top_k, self.pad_id = z(), z()
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.int64, device=dev)
+        self.arange = torch.arange(max(r, n), device=dev)  # row indices and cache slots, sliced per step
 
     def _state(self) -> dict:
         return {
@@ -517,7 +514,7 @@ class Generator:
                     self._rng.manual_seed(seed + 7919 * t)
                 if self.cuda_graphs:
                     self._graphs[key].replay()
-                elif fresh:  # a new specialisation with compile=True: may compile, past dynamo's limit of 8
+                elif fresh and self._step_fn != self._step:  # compiled: a new specialisation may pass dynamo's 8
                     with _more_recompiles():
                         self._step_fn(*key)
                 else:
@@ -593,8 +590,8 @@ class Generator:
     def _record(self, b, tok, lp):
         """Write this step's token/log-prob/validity for rows ``0..b-1`` at column ``step_idx``; no host sync."""
         fin = self.finished[:b]
-        tok = torch.where(fin, self.pad_id, tok)
-        lp = torch.where(fin, torch.zeros_like(lp), lp)
+        tok = tok.masked_fill(fin, self.pad_id)
+        lp = lp.masked_fill(fin, 0.0)
         where = (self.row_ids[:b], self.step_idx.expand(b))
         self.out_tokens.index_put_(where, tok)
         self.out_logprobs.index_put_(where, lp)
@@ -609,8 +606,8 @@ class Generator:
         if self.attention == "flash":
             plan = FlashDecode(cache=self.cache, seqlens32=seqlens.to(torch.int32))
         else:
-            valid = torch.arange(kv_len, device=seqlens.device) <= seqlens[:, None]
-            plan = SdpaDecode(cache=self.cache, seqlens=seqlens, mask=valid[:, None, None, :])
+            valid = self.arange[:kv_len] <= seqlens[:, None]
+            plan = SdpaDecode(cache=self.cache, seqlens=seqlens, mask=valid[:, None, None, :], rows=self.arange[:b])
         if self._direct is not None:
             logits = self._direct(plan, self.tokens[:b, None], seqlens[:, None])
         else:

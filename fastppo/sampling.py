@@ -39,6 +39,16 @@ def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def _exponential(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Exp(1) draws of ``like``'s shape and dtype. On CPU, ``exponential_`` draws a float64 uniform ``u`` and
+    returns ``-log1p(-u)``, one element at a time; this computes the same from the same draws (``rand`` in
+    float64 takes them in the same order), vectorized: the same values, about twice as fast."""
+    if like.device.type != "cpu":
+        return torch.empty_like(like).exponential_(generator=generator)
+    u = torch.rand(like.shape, dtype=torch.float64, generator=generator)
+    return u.neg_().log1p_().neg_().to(like.dtype)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     *,
@@ -68,7 +78,7 @@ def sample_tokens(
         tokens = logits.argmax(dim=-1)
     else:
         target = filter_top_k_top_p(scaled, top_k, top_p) if mode == "filter" else scaled
-        noise = torch.empty_like(target).exponential_(generator=generator)
+        noise = _exponential(target, generator)
         # clamp: an Exp(1) draw of exactly 0 would give +inf and turn a -inf (filtered) logit into NaN
         gumbel = -noise.clamp_min_(torch.finfo(noise.dtype).tiny).log()
         tokens = (target + gumbel).argmax(dim=-1)

@@ -195,3 +195,13 @@ def test_top_p_one_removes_nothing():
     assert int(torch.isfinite(out).sum()) == 1000
     y = t([[0.0, -20.0]])
     assert torch.isfinite(filter_top_k_top_p(y, torch.tensor(2), torch.tensor(1.0))).all()
+
+
+def test_cpu_exponential_draws_equal_torchs_exponential():
+    from fastppo.sampling import _exponential
+
+    for shape, seed in (((16, 256), 0), ((3, 50257), 1), ((1, 7), 2)):
+        like = torch.empty(shape)
+        ours = _exponential(like, torch.Generator().manual_seed(seed))
+        torch_s = torch.empty(shape).exponential_(generator=torch.Generator().manual_seed(seed))
+        assert ours.dtype == torch.float32 and torch.equal(ours, torch_s)
