@@ -158,12 +158,22 @@ class DirectDecode:
     output capture, kwargs plumbing and the nested module calls, most of an eager step of a small model
     on CPU. Two fusions: q/k/v in one GEMM and gate/up in another (their weights concatenated, once per
     :meth:`Generator.generate` call: the optimizer updates the weights in place between calls; dropped
-    after it), and RoPE on q and k at once (elementwise: the same values).
+    after it), and RoPE on q and k at once (elementwise: the same values). With a RoPE whose frequencies
+    are fixed (every type but the dynamic ones and longrope, which change them with the sequence length),
+    cos/sin come from a table of positions ``0..max_length-1`` made by the model's rotary module once per
+    call, instead of from that module at every step.
     """
 
-    def __init__(self, model, layers):
+    def __init__(self, model, layers, max_length: int):
         self.embed, self.rotary, self.norm = model.model.embed_tokens, model.model.rotary_emb, model.model.norm
         self.lm_head = model.lm_head
+        self.table = None
+        kind = getattr(self.rotary, "rope_type", None)
+        if isinstance(kind, str) and "dynamic" not in kind and kind != "longrope":
+            w = self.embed.weight
+            with torch.no_grad():
+                cos, sin = self.rotary(w[:1, None], torch.arange(max_length, device=w.device)[None])
+            self.table = (cos[0], sin[0])  # [max_length, D] each
         self.layers = []  # per layer: a tuple, read by position in the hot loop
         with torch.no_grad():
             for layer in layers:
@@ -189,7 +199,10 @@ class DirectDecode:
         b = tokens.shape[0]
         keys, values = plan.cache.keys, plan.cache.values
         h = self.embed(tokens)
-        cos, sin = self.rotary(h, positions)
+        if self.table is not None:
+            cos, sin = (t[positions] for t in self.table)
+        else:
+            cos, sin = self.rotary(h, positions)
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, 1, D] over [b, heads, 1, D]
         for norm1, qkv, (nq, nkv, d), scale, i, o, norm2, gate_up, act, down in self.layers:
             x = linear(norm1(h), *qkv).view(b, 1, -1, d).transpose(1, 2)  # [b, Hq + 2 Hkv, 1, D]
@@ -426,7 +439,7 @@ class Generator:
             self._check_params()
         r = self.max_batch_size
         layers = direct_decode_layers(self.model) if self.direct_decode else None  # hooks may have come since
-        self._direct = DirectDecode(self.model, layers) if layers is not None else None
+        self._direct = DirectDecode(self.model, layers, self.max_length) if layers is not None else None
         try:
             parts = [
                 self._generate_chunk(
