@@ -133,3 +133,18 @@ def test_reuse_rollout_logprobs_takes_the_generators_and_skips_the_old_policy_fo
     assert math.isnan(reused["entropy"]) and math.isfinite(base["entropy"])
     for name in ("reward_mean", "kl", "policy_loss", "value_loss", "approx_kl", "grad_norm"):
         assert reused[name] == pytest.approx(base[name], rel=1e-4, abs=1e-6), name
+
+
+def test_widths_are_selects_trim_for_every_micro_batch():
+    from fastppo.trainer.experience import Experience
+
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    B, N, P = mask.shape[0], mask.shape[1], 3
+    z = torch.zeros(B, N)
+    exp = Experience(torch.zeros(B, P + N, dtype=torch.long), torch.ones(B, P + N, dtype=torch.bool), mask, P, z, z)
+    parts = [torch.tensor([0]), torch.tensor([2]), torch.tensor([1, 2]), torch.tensor([3, 0]), torch.arange(B)]
+    assert exp.widths(parts) == [2, 1, 3, 4, 4]
+    for rows, width in zip(parts, exp.widths(parts)):
+        part = exp.select(rows, width)
+        assert part.completion_mask.shape == (len(rows), width) and part.sequences.shape == (len(rows), P + width)
+        assert torch.equal(exp.select(rows).completion_mask, part.completion_mask)

@@ -228,11 +228,18 @@ class Experience:
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
-    def select(self, rows: torch.Tensor) -> Experience:
-        """The rows ``rows`` (an index tensor), trimmed to the longest completion among them."""
+    def widths(self, parts: list) -> list[int]:
+        """For each index tensor of ``parts``, the completion width of its rows: one past their last valid
+        token, at least 1 (:meth:`select`'s trim), read from the device at once."""
+        m = self.completion_mask.bool()
+        ends = torch.where(m, torch.arange(1, m.shape[1] + 1, device=m.device), 0).amax(-1)  # [B]
+        return torch.stack([ends[rows].amax().clamp_min(1) for rows in parts]).tolist()
+
+    def select(self, rows: torch.Tensor, width: int | None = None) -> Experience:
+        """The rows ``rows`` (an index tensor), trimmed to the longest completion among them (``width``:
+        that length, from :meth:`widths`; None: read here)."""
         cut = {}
-        m = self.completion_mask[rows]
-        n = int(m.any(0).nonzero().max()) + 1 if bool(m.any()) else 1
+        n = self.widths([rows])[0] if width is None else width
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):

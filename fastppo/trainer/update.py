@@ -118,8 +118,9 @@ def ppo_update(
             for opt in (learner.policy_optimizer, learner.critic_optimizer):
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
-            for i in range(0, mb, micro):
-                part = exp.select(rows[i : i + micro])
+            widths = exp.widths([rows[i : i + micro] for i in range(0, mb, micro)])  # one host read
+            for i, width in zip(range(0, mb, micro), widths):
+                part = exp.select(rows[i : i + micro], width)
                 with _grad_sync(learner, last=i + micro >= mb):
                     sums += _micro_step(part, learner, config, norm, n_tok, meter, train_policy, kl_coef, autocast)
             sums = dist.sum(sums) / dist.world_size  # token-sums over norm's scale: the same on every rank
@@ -225,11 +226,18 @@ def _pairs(learner: Learner, train_policy: bool):
 
 def _clip_gradients(learner: Learner, max_norm, train_policy: bool) -> dict:
     """Clip each model's gradient to ``max_norm`` (None: no clipping); ``{metric: norm before clipping}``."""
-    max_norm = math.inf if max_norm is None else max_norm
     return {  # a sharded model's norm is a DTensor over all ranks' shards: its full value
-        name: local_tensor(torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], max_norm))
+        name: local_tensor(_clip([q for g in opt.param_groups for q in g["params"]], max_norm))
         for name, opt, _ in _pairs(learner, train_policy)
     }
+
+
+def _clip(params: list, max_norm):
+    """``clip_grad_norm_``; without ``max_norm``, only the norm it computes (torch >= 2.6 has it on its own):
+    clipping to infinity multiplies every gradient by 1, a pass over all of them that changes nothing."""
+    if max_norm is None and hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
+    return torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
 
 
 def _step_optimizers(learner: Learner, train_policy: bool) -> None:
