@@ -7,8 +7,10 @@ reference (a copy of the policy), reward model (a ``LlamaForSequenceClassificati
 seed), value model (a copy of the reward model: its body and score head), the same prompts (token ids:
 a char-level tokenizer built here has one character per id, so text and ids round-trip exactly), exactly
 ``N`` new tokens per completion (TRL: no stop token, ``response_length=N``; fastppo: ``ignore_eos``),
-temperature 1, learning rate, KL coefficient 0.05 (k1, in the reward), value coefficient 0.1, value clip
-0.2, AdamW weight decay (TRL's: transformers' default), no gradient clipping (TRL's loop has none),
+the old policy's log-probs from the rollout (TRL takes them from its generation logits; fastppo:
+``reuse_rollout_logprobs``, the Generator's: neither runs an old-policy forward), temperature 1,
+learning rate, KL coefficient 0.05 (k1, in the reward), value coefficient 0.1, value clip 0.2, AdamW
+weight decay (TRL's: transformers' default), no gradient clipping (TRL's loop has none),
 1 PPO epoch of 1 mini-batch without gradient accumulation, every rollout forward in one batch, no
 evaluation or saving. CPU: fp32 throughout (TRL ``bf16=False``); CUDA: fp32 weights with bf16
 autocast on both sides (TRL's default ``bf16=True``; TRL autocasts only its training forward).
@@ -170,7 +172,7 @@ class FastppoStepper:
         config = PPOConfig.from_dict(
             dict(
                 device=device, rollout_batch_size=len(prompts), samples_per_prompt=1, max_new_tokens=s.new,
-                temperature=TEMPERATURE, ignore_eos=True, ppo_epochs=1, num_minibatches=1,
+                temperature=TEMPERATURE, ignore_eos=True, reuse_rollout_logprobs=True, ppo_epochs=1, num_minibatches=1,
                 learning_rate=LEARNING_RATE, critic_learning_rate=LEARNING_RATE, weight_decay=weight_decay,
                 max_grad_norm=None, kl_coef=KL_COEF, vf_coef=VF_COEF, vf_clip=VF_CLIP, critic_init="reward",
                 max_steps=1_000_000, eval_every=0, save_every=0, save_final=False, progress_bar=False,
@@ -282,7 +284,8 @@ class Session:
         tf = f"transformers {importlib.metadata.version('transformers')}"
         if self.trl_skip is None:
             tf += "".join(f", {m} {importlib.metadata.version(m)}" for m in ("accelerate", "datasets"))
-        ours = Impl(FASTPPO, _no_fn, "fastppo.PPOTrainer.step (fastppo/trainer/trainer.py)", False, passes=(PASS,))
+        source = "fastppo.PPOTrainer.step (fastppo/trainer/trainer.py), reuse_rollout_logprobs=True (as TRL)"
+        ours = Impl(FASTPPO, _no_fn, source, False, passes=(PASS,))
         trl = [
             Impl(TRL, _no_fn, f"{trl_ppo.SOURCE}, {tf}", True, self.trl_skip, passes=(PASS,)),
             Impl(TRL_NO_GC, _no_fn, f"{trl_ppo.SOURCE} without its 2 gc.collect() calls, {tf}", True,
