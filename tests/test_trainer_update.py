@@ -148,3 +148,18 @@ def test_widths_are_selects_trim_for_every_micro_batch():
         part = exp.select(rows, width)
         assert part.completion_mask.shape == (len(rows), width) and part.sequences.shape == (len(rows), P + width)
         assert torch.equal(exp.select(rows).completion_mask, part.completion_mask)
+
+
+def test_reward_model_scores_are_normal_tensors_as_under_no_grad():
+    from fastppo.tiny import tiny_reward_model
+    from fastppo.trainer.rewards import RewardModel
+
+    tok = tiny_tokenizer()
+    rm = RewardModel(tiny_reward_model(len(tok), seed=1), tok, same_tokenizer=True)
+    texts = ["aeiou", "xyz", "ab"]
+    scores = rm(texts)  # under inference mode inside, returned as a normal tensor
+    assert not scores.is_inference() and scores.shape == (3,)
+    with torch.no_grad():
+        ref = torch.cat([rm._score([ids], torch.device("cpu")) for ids in tok(texts)["input_ids"]])
+    torch.testing.assert_close(scores, ref, atol=1e-6, rtol=1e-6)
+    scores.add_(1.0)  # in-place use outside inference mode works

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -134,10 +135,14 @@ class RewardModel:
     def __call__(self, texts: list[str], ids: list[list[int]] | None = None) -> torch.Tensor:
         if ids is None or not self.same_tokenizer:
             ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        device = next(self.model.parameters()).device
+        param = next(self.model.parameters())
         n = self.batch_size or max(len(ids), 1)
-        out = [self._score(ids[i : i + n], device) for i in range(0, len(ids), n)]
-        return torch.cat(out) if out else torch.zeros(0)
+        # inference mode (no autograd bookkeeping per op) unless sharded: FSDP2 gathers into its own buffers
+        mode = torch.inference_mode() if not hasattr(param, "full_tensor") else contextlib.nullcontext()
+        with mode:
+            out = [self._score(ids[i : i + n], param.device) for i in range(0, len(ids), n)]
+            scores = torch.cat(out) if out else torch.zeros(0)
+        return scores.clone()  # a normal tensor, made outside inference mode: the trainer computes with it
 
     def _score(self, rows, device) -> torch.Tensor:
         from fastppo.trainer.models import decoder_of, hidden_states
