@@ -603,7 +603,7 @@ class Generator:
     def _record(self, b, tok, lp):
         """Write this step's token/log-prob/validity for rows ``0..b-1`` at column ``step_idx``; no host sync."""
         fin = self.finished[:b]
-        tok = tok.masked_fill(fin, self.pad_id)
+        tok = torch.where(fin, self.pad_id, tok)  # where, not masked_fill: its tensor value may be read on the host
         lp = lp.masked_fill(fin, 0.0)
         where = (self.row_ids[:b], self.step_idx.expand(b))
         self.out_tokens.index_put_(where, tok)
