@@ -167,3 +167,40 @@ def test_no_logits_are_saved_for_backward_in_a_training_step(tmp_path):
         n,
     )
     assert naive, "the hook missed the naive [B, L, V] logits"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_precomputed_sdpa_mask_gives_the_models_own_outputs_and_gradients(arch):
+    """hidden_states passes a 4D additive mask on the CPU (sdpa_mask): the forward and the gradients are
+    those of the model's own 2D-mask path, exactly; without padding the model's path is kept."""
+    from transformers.masking_utils import create_causal_mask
+
+    from fastppo.trainer.models import decoder_of, hidden_states, sdpa_mask
+
+    model = (tiny_llama if arch == "llama" else tiny_qwen2)(seed=3)
+    body = decoder_of(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 128, (5, 12), generator=g)
+    mask = torch.ones(5, 12, dtype=torch.bool)
+    for i, pad in enumerate([0, 3, 7, 1, 11]):
+        mask[i, :pad] = False
+    full = sdpa_mask(body, mask)
+    assert full is not None and full.shape == (5, 1, 12, 12)
+    emb = body.get_input_embeddings()(ids)
+    hf = create_causal_mask(
+        config=body.config, inputs_embeds=emb, attention_mask=mask, cache=None, position_ids=position_ids(mask)
+    )
+    assert torch.equal(full == 0, hf)
+    assert sdpa_mask(body, torch.ones(5, 12, dtype=torch.bool)) is None
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            h = fn()
+            h[mask].square().sum().backward()
+        return h.detach(), [p.grad.clone() for p in body.parameters()]
+
+    ours = run(lambda: hidden_states(body, ids, mask))
+    theirs = run(lambda: body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state)
+    assert torch.equal(ours[0], theirs[0])
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], theirs[1]))

@@ -39,10 +39,50 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return body
 
 
+_DIRECT_MASK_MODELS = ("llama", "qwen2", "mistral")  # full-attention decoders whose masks are causal & padding
+
+
+def sdpa_mask(body: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The 4D attention mask ``[B, 1, L, L]`` that ``body``'s own forward builds from the 2D ``attention_mask``
+    of a padded batch (``causal & key is real``), as SDPA's additive form (0 / -inf, the model's dtype), or
+    None where the model's path is to be kept: not on the CPU, not SDPA attention, sliding-window layers,
+    another model type, or no padding (the model then runs SDPA with ``is_causal`` and no mask).
+
+    Why: transformers builds the mask at every forward (``create_causal_mask``, a few hundred microseconds)
+    and SDPA converts a boolean mask to this additive one in every layer; on the CPU, for a small model, a
+    visible part of a training forward. SDPA converts with ``where(mask, 0, -inf)``: the same values, so the
+    outputs are identical (``tests/test_trainer_models.py``)."""
+    config = getattr(body, "config", None)
+    if attention_mask.device.type != "cpu" or config is None or attention_mask.dim() != 2:
+        return None
+    if getattr(config, "model_type", None) not in _DIRECT_MASK_MODELS:
+        return None
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return None
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return None
+    mask = attention_mask.bool()
+    if bool(mask.all()):
+        return None
+    embed = body.get_input_embeddings() if hasattr(body, "get_input_embeddings") else None
+    dtype = getattr(getattr(embed, "weight", None), "dtype", torch.float32)
+    L = mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril_()
+    keep = causal[None, None] & mask[:, None, None, :]
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, float("-inf"))
+
+
 def hidden_states(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states ``[B, L, H]`` of ``body`` on a left-padded batch (position ids from the mask)."""
+    full = sdpa_mask(body, attention_mask)
     out = body(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask if full is None else full,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
     )
     return out.last_hidden_state
 
