@@ -209,7 +209,7 @@ def check_prompts(input_ids, attention_mask, vocab: int, device):
     return ids, mask, lengths
 
 
-# the decoder layers whose forward :class:`fastppo.generation.DirectDecode` reproduces: pre-norm residual
+# the decoder layers whose forward :class:`fastppo._direct_decode.DirectDecode` reproduces: pre-norm residual
 # blocks of RMSNorm, q/k/v projections (biases or not), RoPE through ``apply_rotary_pos_emb``, attention,
 # o_proj, RMSNorm, ``down(act(gate(x)) * up(x))``; the model: embedding, these layers, a final norm, lm_head
 _DIRECT_LAYERS = {
@@ -225,7 +225,7 @@ def _is(module, name: str, family: str) -> bool:
 
 
 def direct_decode_layers(model) -> list | None:
-    """The decoder layers of ``model`` when :class:`fastppo.generation.DirectDecode` can run its decode
+    """The decoder layers of ``model`` when :class:`fastppo._direct_decode.DirectDecode` can run its decode
     step (exactly the classes of :data:`_DIRECT_LAYERS`, every projection a plain ``nn.Linear``, the
     embedding a plain ``nn.Embedding``, no forward hook or pre-hook anywhere: PEFT adapters, quantized
     layers and hooks keep the model's own forward); None otherwise."""

@@ -1,0 +1,84 @@
+"""The eager decode step of plain Llama / Qwen2 / Mistral models, written out (:class:`DirectDecode`).
+
+Used by :class:`fastppo.Generator` when no CUDA graph replays the step (on the CPU): a small model's
+eager step is mostly the per-call machinery of the model's forward, not its arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastppo.attention import SdpaDecode, decode_sdpa
+
+
+class DirectDecode:
+    """The decode step's model forward, written out for the models of
+    :func:`fastppo._generation_checks.direct_decode_layers` (Llama, Qwen2, Mistral).
+
+    ``DirectDecode(model, layers)(plan, tokens [b, 1], positions [b, 1]) -> logits [b, 1, V]``: the
+    operations of the model's own forward on one token per row, calling its embedding, rotary embedding,
+    norms, activation and lm_head modules, with attention by :func:`fastppo.attention.decode_sdpa` (what
+    the model's path through ``fastppo_attention`` runs); without the rest of that forward: mask creation,
+    output capture, kwargs plumbing and the nested module calls, most of an eager step of a small model
+    on CPU. Two fusions: q/k/v in one GEMM and gate/up in another (their weights concatenated, once per
+    :meth:`Generator.generate` call: the optimizer updates the weights in place between calls; dropped
+    after it), and RoPE on q and k at once (elementwise: the same values). With a RoPE whose frequencies
+    are fixed (every type but the dynamic ones and longrope, which change them with the sequence length),
+    cos/sin come from a table of positions ``0..max_length-1`` made by the model's rotary module once per
+    call, instead of from that module at every step.
+    """
+
+    def __init__(self, model, layers, max_length: int):
+        self.embed, self.rotary, self.norm = model.model.embed_tokens, model.model.rotary_emb, model.model.norm
+        self.lm_head = model.lm_head
+        self.table = None
+        kind = getattr(self.rotary, "rope_type", None)
+        if isinstance(kind, str) and "dynamic" not in kind and kind != "longrope":
+            w = self.embed.weight
+            with torch.no_grad():
+                cos, sin = self.rotary(w[:1, None], torch.arange(max_length, device=w.device)[None])
+            self.table = (cos[0], sin[0])  # [max_length, D] each
+        self.layers = []  # per layer: a tuple, read by position in the hot loop
+        with torch.no_grad():
+            for layer in layers:
+                a, mlp = layer.self_attn, layer.mlp
+                d = a.head_dim
+                self.layers.append(
+                    (
+                        layer.input_layernorm,
+                        _cat_linear([a.q_proj, a.k_proj, a.v_proj]),
+                        (a.q_proj.out_features // d, a.k_proj.out_features // d, d),
+                        float(a.scaling),
+                        a.layer_idx,
+                        (a.o_proj.weight, a.o_proj.bias),
+                        layer.post_attention_layernorm,
+                        _cat_linear([mlp.gate_proj, mlp.up_proj]),
+                        mlp.act_fn,
+                        (mlp.down_proj.weight, mlp.down_proj.bias),
+                    )
+                )
+
+    def __call__(self, plan: SdpaDecode, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        linear, cat = torch.nn.functional.linear, torch.cat
+        b = tokens.shape[0]
+        keys, values = plan.cache.keys, plan.cache.values
+        h = self.embed(tokens)
+        if self.table is not None:
+            cos, sin = (t[positions] for t in self.table)
+        else:
+            cos, sin = self.rotary(h, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [b, 1, 1, D] over [b, heads, 1, D]
+        for norm1, qkv, (nq, nkv, d), scale, i, o, norm2, gate_up, act, down in self.layers:
+            x = linear(norm1(h), *qkv).view(b, 1, -1, d).transpose(1, 2)  # [b, Hq + 2 Hkv, 1, D]
+            qk, v = x[:, : nq + nkv], x[:, nq + nkv :]
+            qk = qk * cos + cat((-qk[..., d // 2 :], qk[..., : d // 2]), dim=-1) * sin
+            out = decode_sdpa(plan, qk[:, :nq], qk[:, nq:], v, keys[i], values[i], scale)  # [b, 1, Hq, D]
+            h = h + linear(out.reshape(b, 1, -1), *o)
+            gate, up = linear(norm2(h), *gate_up).chunk(2, dim=-1)
+            h = h + linear(act(gate) * up, *down)
+        return self.lm_head(self.norm(h))
+
+
+def _cat_linear(mods) -> tuple:
+    """``(weight, bias)`` of the ``nn.Linear`` modules ``mods`` stacked along their outputs (bias None without)."""
+    return torch.cat([m.weight for m in mods]), None if mods[0].bias is None else torch.cat([m.bias for m in mods])
