@@ -147,7 +147,7 @@ def load_checkpoint(trainer, folder) -> list[str]:
         )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT}")
-    has_critic = any(k.startswith("critic.") for k in _weight_keys(folder))
+    has_critic = "critic" in meta["schedulers"]  # one scheduler per module saved
     if (learner.critic is not None) != has_critic:
         raise ValueError(f"{folder}: the checkpoint {'has' if has_critic else 'has no'} critic but this run differs")
     tensors, _ = _states(learner)
@@ -183,14 +183,3 @@ def load_checkpoint(trainer, folder) -> list[str]:
     if trainer.replica is not None:
         trainer.replica.refresh(trainer.policy)
     return notes
-
-
-def _weight_keys(folder: pathlib.Path) -> set:
-    """The tensor names stored under ``folder/weights`` (read from the safetensors headers)."""
-    from safetensors import safe_open
-
-    keys = set()
-    for path in (folder / "weights").glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            keys.update(f.keys())
-    return keys

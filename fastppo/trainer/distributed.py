@@ -279,22 +279,27 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Dist) -> torch.Tens
         from fastppo.advantages import masked_whiten as local
 
         return local(x, mask)
+    from fastppo.reference.common import masked_sum
+
     m = mask.bool()
     xd = x.double()
-    first = dist.sum(torch.stack([m.sum().double(), (xd * m).sum()]))
+    first = dist.sum(torch.stack([m.sum().double(), masked_sum(xd, m)]))
     n, mean = first[0], first[1] / first[0].clamp_min(1)
-    ss = dist.sum(((xd - mean) ** 2 * m).sum())
+    ss = dist.sum(masked_sum((xd - mean) ** 2, m))
     var = torch.where(n >= 2, ss / (n - 1).clamp_min(1), torch.zeros_like(ss))
     out = torch.where(m, (xd - mean) * torch.rsqrt(var + 1e-8), 0.0)
     return out if x.dtype == torch.float64 else out.float()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """Mean of ``x`` over the valid positions of all ranks (0 when none is valid)."""
+    """Mean of ``x`` over the valid positions of all ranks (0 when none is valid); one process:
+    :func:`fastppo.masked_mean`."""
     if not dist.enabled:
         from fastppo.advantages import masked_mean as local
 
         return local(x, mask)
+    from fastppo.reference.common import masked_sum
+
     m = mask.bool()
-    sums = dist.sum(torch.stack([(x.float() * m).sum(), m.sum().float()]))
+    sums = dist.sum(torch.stack([masked_sum(x.float(), m), m.sum().float()]))
     return sums[0] / sums[1].clamp_min(1)

@@ -16,6 +16,7 @@ import torch
 
 from fastppo._checks import check_choice, check_float, check_mask, check_number
 from fastppo.advantages import gae, group_advantages, masked_whiten
+from fastppo.trainer import distributed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,12 +197,7 @@ def compute_advantages(
         seq = group_advantages(rewards.sum(-1), group_size, kind=kind)
         adv, returns = torch.where(mask, seq[:, None], 0.0), None
     if whiten:
-        if dist is not None and dist.enabled:
-            from fastppo.trainer import distributed
-
-            adv = distributed.masked_whiten(adv, mask, dist)
-        else:
-            adv = masked_whiten(adv, mask)
+        adv = masked_whiten(adv, mask) if dist is None else distributed.masked_whiten(adv, mask, dist)
     return adv, returns
 
 

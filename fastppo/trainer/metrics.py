@@ -205,16 +205,13 @@ def step_metrics(step, roll, scores, components, exp, info, meter: Mean, times: 
     metrics of the whole batch: per-completion and per-token values are gathered from all ranks
     (``info``'s ``kl`` and ``entropy`` are global already), the update's sums and counts all-reduced;
     ``world_size`` is added. Times and memory are this rank's."""
-    from fastppo.advantages import masked_mean
-    from fastppo.trainer.distributed import SINGLE
+    from fastppo.trainer.distributed import SINGLE, masked_mean
 
     dist = dist or SINGLE
     cmask = roll.completion_mask.bool()
     lengths = dist.gather(cmask.sum(-1).float())
     seq_reward = dist.gather(info["rewards"].sum(-1))
     ended = dist.gather(roll.ended.float().to(lengths.device))
-    diff = (roll.rollout_logprobs - info["logprobs"]).abs()
-    diff_sums = dist.sum(torch.stack([(diff * cmask).sum(), cmask.sum().float()]))
     scores = dist.gather(scores.to(device)).cpu()
     on_device = {
         "reward_mean": seq_reward.mean(),
@@ -223,11 +220,9 @@ def step_metrics(step, roll, scores, components, exp, info, meter: Mean, times: 
         "entropy": info["entropy"],
         "response_length_mean": lengths.mean(),
         "truncated_rate": (1 - ended).mean(),
-        "rollout_logprob_diff": diff_sums[0] / diff_sums[1].clamp_min(1),
+        "rollout_logprob_diff": masked_mean((roll.rollout_logprobs - info["logprobs"]).abs(), cmask, dist),
         "tokens": lengths.sum(),
     }
-    if dist.world_size == 1:  # the one-process formula, as before (same rounding)
-        on_device["rollout_logprob_diff"] = masked_mean(diff, cmask)
     out = dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
     ev = math.nan
     if exp.values is not None:

@@ -27,7 +27,6 @@ after its checkpoint, without the final evaluation and save (they come when a re
 from __future__ import annotations
 
 import contextlib
-import functools
 import pathlib
 import random
 import signal
@@ -38,7 +37,6 @@ import warnings
 
 import torch
 
-from fastppo.advantages import masked_mean
 from fastppo.generation import Generator
 from fastppo.losses import kl_penalty
 from fastppo.trainer import checkpoint, distributed
@@ -446,9 +444,9 @@ class PPOTrainer:
             whiten=cfg.whiten,
             dist=dist,
         )
-        mean = masked_mean if not dist.enabled else functools.partial(distributed.masked_mean, dist=dist)
-        kl_mean = mean(kl, cmask) if kl is not None else torch.zeros((), device=self.device)
-        info = dict(rewards=rewards, entropy=mean(ent, cmask), kl=kl_mean, kl_coef=coef, logprobs=lp)
+        entropy = distributed.masked_mean(ent, cmask, dist)
+        kl_mean = distributed.masked_mean(kl, cmask, dist) if kl is not None else torch.zeros((), device=self.device)
+        info = dict(rewards=rewards, entropy=entropy, kl=kl_mean, kl_coef=coef, logprobs=lp)
         self.kl_controller.update(float(kl_mean), len(seq) * dist.world_size)
         exp = Experience(seq, attn, cmask, P, lp, adv, ref_logprobs=ref, values=values, returns=returns)
         return exp, info
@@ -456,11 +454,11 @@ class PPOTrainer:
     def _shape(self, scores: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """The shaped scores of this rank's completions; under torchrun, shaped with the whole batch
         (the running normalizer sees every rank's scores, so its state is the same on all ranks)."""
-        if not self.dist.enabled:
-            return self.shaper(scores, ended.cpu()).to(self.device)
-        every = self.dist.gather(scores.to(self.device)).cpu()
-        ended = self.dist.gather(ended.to(self.device)).cpu()
-        return self.shaper(every, ended).to(self.device)[self.dist.share(len(every))]
+        if self.dist.enabled:
+            scores = self.dist.gather(scores.to(self.device)).cpu()
+            ended = self.dist.gather(ended.to(self.device))
+        shaped = self.shaper(scores, ended.cpu()).to(self.device)
+        return shaped[self.dist.share(len(shaped))]
 
     def _update(self, exp, kl_coef: float) -> Mean:
         meter = Mean(self.device)

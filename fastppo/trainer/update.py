@@ -79,9 +79,7 @@ class Learner:
 def normalizer(completion_mask: torch.Tensor, agg: str, dist: Dist = SINGLE) -> torch.Tensor:
     """The mini-batch count the losses are divided by: valid tokens (``token-mean``) or sequences with a
     valid token (seq modes), at least 1; under torchrun, the count over all ranks / the world size."""
-    m = completion_mask.bool()
-    count = (m.sum() if agg == "token-mean" else m.any(-1).sum()).float()
-    return dist.sum(count).clamp_min(1) / dist.world_size
+    return dist.sum(_count(completion_mask, agg)).clamp_min(1) / dist.world_size
 
 
 def ppo_update(
