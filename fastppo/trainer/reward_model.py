@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fastppo._checks import check_bool, check_number
 from fastppo.trainer.experience import pad_left
 from fastppo.trainer.models import position_ids
-from fastppo.trainer.sft import check_pretrained, fill_id, make_optimizer, read_records
+from fastppo.trainer.sft import check_loop_fields, check_pretrained, fill_id, make_optimizer, read_records
 
 _PAIR = ("prompt", "chosen", "rejected")
 
@@ -69,16 +69,9 @@ class RewardModelConfig:
     """Seeds the shuffling (and dropout, inside a forked RNG: the caller's RNG state is untouched)."""
 
     def __post_init__(self):
-        check_number("epochs", self.epochs, ge=1, integer=True)
-        check_number("batch_size", self.batch_size, ge=1, integer=True)
-        check_number("lr", self.lr, gt=0)
-        check_number("weight_decay", self.weight_decay, ge=0)
-        check_number("warmup_ratio", self.warmup_ratio, ge=0, lt=1)
-        check_number("max_grad_norm", self.max_grad_norm, gt=0, allow_none=True)
-        check_number("max_length", self.max_length, ge=2, integer=True)
+        check_loop_fields(self)
         check_bool("append_eos", self.append_eos)
         check_number("center_coef", self.center_coef, ge=0)
-        check_number("seed", self.seed, integer=True)
 
 
 @dataclass

@@ -57,15 +57,21 @@ class SFTConfig:
     """Seeds the shuffling (and dropout, inside a forked RNG: the caller's RNG state is untouched)."""
 
     def __post_init__(self):
-        check_number("epochs", self.epochs, ge=1, integer=True)
-        check_number("batch_size", self.batch_size, ge=1, integer=True)
-        check_number("lr", self.lr, gt=0)
-        check_number("weight_decay", self.weight_decay, ge=0)
-        check_number("warmup_ratio", self.warmup_ratio, ge=0, lt=1)
+        check_loop_fields(self)
         check_bool("decay", self.decay)
-        check_number("max_grad_norm", self.max_grad_norm, gt=0, allow_none=True)
-        check_number("max_length", self.max_length, ge=2, integer=True)
-        check_number("seed", self.seed, integer=True)
+
+
+def check_loop_fields(config) -> None:
+    """The fields :class:`SFTConfig` and ``RewardModelConfig`` share: epochs, batch size, AdamW and its
+    schedule, clipping, length and seed."""
+    check_number("epochs", config.epochs, ge=1, integer=True)
+    check_number("batch_size", config.batch_size, ge=1, integer=True)
+    check_number("lr", config.lr, gt=0)
+    check_number("weight_decay", config.weight_decay, ge=0)
+    check_number("warmup_ratio", config.warmup_ratio, ge=0, lt=1)
+    check_number("max_grad_norm", config.max_grad_norm, gt=0, allow_none=True)
+    check_number("max_length", config.max_length, ge=2, integer=True)
+    check_number("seed", config.seed, integer=True)
 
 
 @dataclass
