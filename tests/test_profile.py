@@ -153,3 +153,22 @@ def test_profile_refuses_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["profile"]) == 2
     assert "not under torchrun" in capsys.readouterr().err
+
+
+def test_reused_rollout_logprobs_make_old_log_prob_a_phase_that_did_not_run():
+    """With reuse_rollout_logprobs no policy forward recomputes the old log-probs: no FLOPs are put on
+    that phase, and the summary says why it did not run."""
+    from types import SimpleNamespace
+
+    from fastppo.tiny import tiny_qwen2
+    from fastppo.trainer import PPOConfig
+    from fastppo.trainer.profile import _not_run, model_flops
+
+    policy = tiny_qwen2(96)
+    for reuse in (False, True):
+        config = PPOConfig.from_dict(dict(reuse_rollout_logprobs=reuse, advantage="grpo", samples_per_prompt=2))
+        trainer = SimpleNamespace(config=config, policy=policy, reward=None, reference=None, critic=None)
+        flops, why = model_flops(trainer, 100, 1, 1), _not_run(trainer, 1)
+        assert ("old_log_prob" in flops) is not reuse
+        assert ("old_log_prob" in why) is reuse
+        assert flops["gen"] == flops["update_actor"] / 3 > 0

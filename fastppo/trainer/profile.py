@@ -160,7 +160,9 @@ def model_flops(trainer, tokens: int, trained_steps: int, steps: int) -> dict:
     from fastppo.trainer.rewards import RewardModel
 
     policy, epochs = matmul_params(trainer.policy), trainer.config.ppo.ppo_epochs
-    flops = {"gen": 2 * policy * tokens, "old_log_prob": 2 * policy * tokens}
+    flops = {"gen": 2 * policy * tokens}
+    if not trainer.config.rollout.reuse_rollout_logprobs:
+        flops["old_log_prob"] = 2 * policy * tokens
     if isinstance(trainer.reward, RewardModel):
         flops["reward"] = 2 * matmul_params(trainer.reward.model) * tokens
     if trainer.reference is not None:
@@ -177,6 +179,8 @@ def model_flops(trainer, tokens: int, trained_steps: int, steps: int) -> dict:
 def _not_run(trainer, trained_steps: int) -> dict:
     c = trainer.config
     why = {}
+    if c.rollout.reuse_rollout_logprobs:
+        why["old_log_prob"] = "reuse_rollout_logprobs=True: the Generator's log-probs are the old policy's"
     if trainer.critic is None:
         why["values"] = why["update_critic"] = f"no critic with advantage={c.ppo.advantage!r} (gae has one)"
     if trainer.reference is None:
@@ -237,7 +241,8 @@ def profile(trainer, steps: int, output_dir, *, what: str = "") -> dict:
     finally:
         count.close()
     peak_name, peak, peaks = _peak(trainer)
-    tokens = count.prompt_tokens() + count.generated
+    prompt_tokens = count.prompt_tokens()
+    tokens = prompt_tokens + count.generated
     setup = {
         "what": what,
         "fastppo": fastppo.__version__,
@@ -252,7 +257,7 @@ def profile(trainer, steps: int, output_dir, *, what: str = "") -> dict:
         device="cuda" if cuda else "cpu",
         steps=steps - 1,
         generated_tokens=count.generated,
-        prompt_tokens=count.prompt_tokens(),
+        prompt_tokens=prompt_tokens,
         decode_steps=count.decode_steps,
         flops=model_flops(trainer, tokens, trained, steps - 1),
         peak_tflops=peak,
