@@ -20,16 +20,18 @@ class DirectDecode:
     norms, activation and lm_head modules, with attention by :func:`fastppo.attention.decode_sdpa` (what
     the model's path through ``fastppo_attention`` runs); without the rest of that forward: mask creation,
     output capture, kwargs plumbing and the nested module calls, most of an eager step of a small model
-    on CPU. Two fusions: q/k/v in one GEMM and gate/up in another (their weights concatenated, once per
-    :meth:`Generator.generate` call: the optimizer updates the weights in place between calls; dropped
-    after it), and RoPE on q and k at once (elementwise: the same values). With a RoPE whose frequencies
+    on CPU. The RMSNorms are ``F.rms_norm`` where the weights are float32 (ATen's composite: the module's
+    operations in its order, one call instead of seven). Two fusions: q/k/v in one GEMM and gate/up in
+    another (their weights concatenated, once per :meth:`Generator.generate` call: the optimizer updates
+    the weights in place between calls; dropped after it), and RoPE on q and k at once (elementwise: the
+    same values). With a RoPE whose frequencies
     are fixed (every type but the dynamic ones and longrope, which change them with the sequence length),
     cos/sin come from a table of positions ``0..max_length-1`` made by the model's rotary module once per
     call, instead of from that module at every step.
     """
 
     def __init__(self, model, layers, max_length: int):
-        self.embed, self.rotary, self.norm = model.model.embed_tokens, model.model.rotary_emb, model.model.norm
+        self.embed, self.rotary, self.norm = model.model.embed_tokens, model.model.rotary_emb, _norm(model.model.norm)
         self.lm_head = model.lm_head
         self.table = None
         kind = getattr(self.rotary, "rope_type", None)
@@ -45,13 +47,13 @@ class DirectDecode:
                 d = a.head_dim
                 self.layers.append(
                     (
-                        layer.input_layernorm,
+                        _norm(layer.input_layernorm),
                         _cat_linear([a.q_proj, a.k_proj, a.v_proj]),
                         (a.q_proj.out_features // d, a.k_proj.out_features // d, d),
                         float(a.scaling),
                         a.layer_idx,
                         (a.o_proj.weight, a.o_proj.bias),
-                        layer.post_attention_layernorm,
+                        _norm(layer.post_attention_layernorm),
                         _cat_linear([mlp.gate_proj, mlp.up_proj]),
                         mlp.act_fn,
                         (mlp.down_proj.weight, mlp.down_proj.bias),
@@ -82,3 +84,14 @@ class DirectDecode:
 def _cat_linear(mods) -> tuple:
     """``(weight, bias)`` of the ``nn.Linear`` modules ``mods`` stacked along their outputs (bias None without)."""
     return torch.cat([m.weight for m in mods]), None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+
+
+def _norm(module):
+    """The RMSNorm ``module`` as a function: ``F.rms_norm`` on its weight when float32 (bitwise the module:
+    float32 in, the same ops in the same order), the module itself otherwise (a half-precision weight
+    multiplies after the cast back, a detail ATen's composite orders differently)."""
+    w, eps = module.weight, module.variance_epsilon
+    if w.dtype != torch.float32:
+        return module
+    shape, rms_norm = (w.shape[-1],), torch.nn.functional.rms_norm
+    return lambda h: rms_norm(h, shape, w, eps)

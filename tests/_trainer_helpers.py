@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,18 @@ PROMPTS = ["Hi ", "Say: ", "abc", "Once", "x=", "la la "]
 # the tiny tokenizer's ids of "=", "a" and ".": extra stop tokens, so that completions end at ragged lengths
 STOP_IDS = [84, 14, 79]
 EVAL_PROMPTS = ["Yo", "Q:", "ok "]
+
+
+# what differs between two runs of the same steps: wall-clock times and the process's memory
+UNTIMED = {"tokens_per_s", "peak_mem_mb"}
+
+
+def untimed(record: dict) -> dict:
+    """A metrics record without its timings and memory (``time_*``, :data:`UNTIMED`), comparable with ``==``:
+    a NaN (``reward_length_corr`` of equal-length completions) becomes the string ``"nan"``, since
+    ``nan != nan`` would fail the comparison of two identical runs."""
+    nan = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    return {k: nan(v) for k, v in record.items() if not k.startswith("time_") and k not in UNTIMED}
 
 
 @pytest.fixture

@@ -43,8 +43,10 @@ def test_demo_report():
     for when in ("before", "after"):
         r = report[when]
         assert 0 <= r["true_score"] <= 1 and math.isfinite(r["rm_score"]) and len(r["completions"]) == 16
-    # the warm-up learned the format: completions are mostly the task's letters, about a word long
-    assert report["before"]["true_score"] > 0.2
+    # the warm-up learned the format: completions are mostly the task's letters, about a word long. An
+    # untrained policy scores ~0.02 here; this short warm-up 0.12-0.20 on 128 held-out prompts (seeds 0, 1),
+    # and a 16-prompt estimate of it moves by ~0.05 with the sampling stream: 0.1 is 5x chance, not luck.
+    assert report["before"]["true_score"] > 0.1
 
 
 def test_fastppo_train_without_model_runs_the_demo(monkeypatch):

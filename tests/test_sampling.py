@@ -197,11 +197,15 @@ def test_top_p_one_removes_nothing():
     assert torch.isfinite(filter_top_k_top_p(y, torch.tensor(2), torch.tensor(1.0))).all()
 
 
-def test_cpu_exponential_draws_equal_torchs_exponential():
-    from fastppo.sampling import _exponential
+@pytest.mark.parametrize("r", [0.0, 0.5, 1.0 - 2.0**-53])  # the extremes of torch.rand's float64 draws
+def test_cpu_inverse_cdf_never_draws_a_zero_probability_token(monkeypatch, r):
+    """The CPU sampler's contract at the ends of the uniform draw: leading, trailing and inner tokens of
+    probability 0 (filtered) are never picked, and a probability of 1e-12 still owns its interval."""
+    from fastppo import sampling
 
-    for shape, seed in (((16, 256), 0), ((3, 50257), 1), ((1, 7), 2)):
-        like = torch.empty(shape)
-        ours = _exponential(like, torch.Generator().manual_seed(seed))
-        torch_s = torch.empty(shape).exponential_(generator=torch.Generator().manual_seed(seed))
-        assert ours.dtype == torch.float32 and torch.equal(ours, torch_s)
+    probs = t([[0.0, 1e-12, 0.0, 0.5, 0.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    monkeypatch.setattr(sampling.torch, "rand", lambda shape, **kw: torch.full(shape, r, dtype=kw["dtype"]))
+    tokens = sampling._inverse_cdf(probs, None)
+    assert probs[torch.arange(2), tokens].gt(0).all(), tokens
+    expected = {0.0: [5, 6], 0.5: [3, 6], 1.0 - 2.0**-53: [1, 6]}[r]  # u = (1 - r) * total
+    assert tokens.tolist() == expected

@@ -17,7 +17,6 @@ from fastppo.trainer import NonFiniteError, PPOTrainer
 from fastppo.trainer.checkpoint import decode, encode, latest_checkpoint
 from fastppo.trainer.cli import parse_config
 from fastppo.trainer.cli import run as cli_run
-from fastppo.trainer.metrics import NAMES
 from tests._trainer_helpers import (
     EVAL_PROMPTS,
     PROMPTS,
@@ -26,13 +25,11 @@ from tests._trainer_helpers import (
     save_policy,
     save_reward_model,
     small_config,
+    untimed,
     vowels,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# what differs between two runs of the same steps: wall-clock times and the process's memory
-UNTIMED = {n for n in NAMES if n.startswith("time_")} | {"tokens_per_s", "peak_mem_mb"}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +45,7 @@ def _trainer(folders, out, reward="fn", **fields):
 
 
 def _untimed(path):
-    return [{k: v for k, v in r.items() if k not in UNTIMED} for r in read_jsonl(path)]
+    return [untimed(r) for r in read_jsonl(path)]
 
 
 def _names(folder):

@@ -17,12 +17,11 @@ from tests._trainer_helpers import (
     save_policy,
     save_reward_model,
     small_config,
+    untimed,
     vowels,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TIMINGS = {"tokens_per_s", "time_rollout_s", "time_score_s", "time_prepare_s", "time_train_s", "time_step_s"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def test_runs_are_reproducible(tmp_path, folders):
     for i in range(2):
         cfg = small_config(tmp_path / str(i), eval_every=0)
         trainer = PPOTrainer(cfg, folders["policy"], None, vowels, train_prompts=PROMPTS)
-        runs.append([{k: v for k, v in m.items() if k not in TIMINGS | {"peak_mem_mb"}} for m in trainer.train()])
+        runs.append([untimed(m) for m in trainer.train()])
     assert runs[0] == runs[1]
 
 
@@ -181,7 +180,6 @@ def test_trainer_state_and_learner_states_are_what_a_resumed_run_needs(tmp_path,
                            normalize_reward=True)  # fmt: skip
         return PPOTrainer(cfg, folders["policy"], None, vowels, train_prompts=PROMPTS)
 
-    untimed = lambda m: {k: v for k, v in m.items() if k not in TIMINGS | {"peak_mem_mb"}}  # noqa: E731
     full = [untimed(m) for m in trainer("full").train()]
 
     first = trainer("first")
