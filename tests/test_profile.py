@@ -165,10 +165,13 @@ def test_reused_rollout_logprobs_make_old_log_prob_a_phase_that_did_not_run():
     from fastppo.trainer.profile import _not_run, model_flops
 
     policy = tiny_qwen2(96)
-    for reuse in (False, True):
+    for reuse, kept in ((False, False), (True, False), (False, True), (True, True)):
         config = PPOConfig.from_dict(dict(reuse_rollout_logprobs=reuse, advantage="grpo", samples_per_prompt=2))
-        trainer = SimpleNamespace(config=config, policy=policy, reward=None, reference=None, critic=None)
+        trainer = SimpleNamespace(
+            config=config, policy=policy, reward=None, reference=None, critic=None, keep_first_forward=kept
+        )
         flops, why = model_flops(trainer, 100, 1, 1), _not_run(trainer, 1)
         assert ("old_log_prob" in flops) is not reuse
         assert ("old_log_prob" in why) is reuse
-        assert flops["gen"] == flops["update_actor"] / 3 > 0
+        # a kept forward (keep_first_forward) is old_log_prob's: the update has only the backward left
+        assert flops["update_actor"] == (2 if kept and not reuse else 3) * flops["gen"] > 0

@@ -36,6 +36,7 @@ def test_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, agg):
     # one mini-batch: after ppo_update the .grad fields hold that mini-batch's accumulated gradient
     trainer = _trainer(tmp_path, num_minibatches=1, max_grad_norm=None, loss_agg=agg, ent_coef=0.01, kl_mode="loss")
     exp, _ = _experience(trainer)
+    exp = exp.without_live()  # updated three times from the same weights: every forward recomputed
     lengths = exp.completion_mask.sum(-1)
     assert len(set(lengths.tolist())) > 1  # ragged rows: a per-micro-batch mean would differ
     grads = {}
@@ -133,6 +134,50 @@ def test_reuse_rollout_logprobs_takes_the_generators_and_skips_the_old_policy_fo
     assert math.isnan(reused["entropy"]) and math.isfinite(base["entropy"])
     for name in ("reward_mean", "kl", "policy_loss", "value_loss", "approx_kl", "grad_norm"):
         assert reused[name] == pytest.approx(base[name], rel=1e-4, abs=1e-6), name
+
+
+def test_keep_first_forward_saves_a_forward_of_each_model_and_changes_nothing(tmp_path):
+    """One mini-batch, one micro-batch: prepare's policy and critic forwards, kept with their graphs, are
+    the update's; the step's metrics and new weights are those of recomputing them, one forward fewer each."""
+    runs = {}
+    for keep in (False, True):
+        trainer = _trainer(
+            tmp_path / str(keep), num_minibatches=1, keep_first_forward=keep, ent_coef=0.01, eval_every=0
+        )
+        assert trainer.keep_first_forward is keep
+        calls = {"policy": 0, "critic": 0}
+        for name, module in (("policy", trainer.head), ("critic", trainer.critic)):
+            module.register_forward_pre_hook(
+                lambda *a, name=name, calls=calls: calls.__setitem__(name, calls[name] + 1)
+            )
+        metrics = trainer.step()
+        runs[keep] = (
+            metrics,
+            calls,
+            [p.detach().clone() for p in [*trainer.policy.parameters(), *trainer.critic.parameters()]],
+        )
+    (base, base_calls, base_w), (kept, kept_calls, kept_w) = runs[False], runs[True]
+    assert kept_calls == {"policy": base_calls["policy"] - 1, "critic": base_calls["critic"] - 1}
+    assert kept["approx_kl"] == 0 and kept["clip_frac"] == 0 and kept["ratio_max"] == 1  # exactly on-policy
+    for name in ("reward_mean", "kl", "entropy", "policy_loss", "value_loss", "grad_norm", "critic_grad_norm"):
+        assert kept[name] == pytest.approx(base[name], rel=1e-5, abs=1e-7), name
+    moved = max(float((a - b).abs().max()) for a, b in zip(base_w, kept_w))
+    assert moved < 1e-6
+
+
+def test_kept_forwards_refuse_micro_batches(tmp_path):
+    trainer = _trainer(tmp_path, num_minibatches=1)
+    exp, _ = _experience(trainer)
+    assert exp.live
+    cfg = dataclasses.replace(trainer.config, ppo=dataclasses.replace(trainer.config.ppo, micro_batch_size=2))
+    with pytest.raises(ValueError, match="kept forwards"):
+        ppo_update(exp, trainer.learner, cfg, rng=torch.Generator(), meter=Mean())
+    for fields in (
+        dict(num_minibatches=2),
+        dict(num_minibatches=1, micro_batch_size=4),
+        dict(keep_first_forward=False),
+    ):
+        assert not _trainer(tmp_path, **fields).keep_first_forward
 
 
 def test_widths_are_selects_trim_for_every_micro_batch():

@@ -194,6 +194,10 @@ class PPOAlgoConfig:
     """Mini-batches per epoch, one optimizer step each."""
     micro_batch_size: int | None = None
     """Rows per forward/backward (gradient accumulation; None: the whole mini-batch). Never changes the gradient."""
+    keep_first_forward: bool = True
+    """With one mini-batch and no micro-batching (one process): prepare's policy and critic forwards keep
+    their graphs and are the first update's forwards (one forward of each model saved per step; its
+    ratio is exactly 1). Costs memory: both models' activations are held from prepare to the update."""
     learning_rate: float = 1e-6
     """AdamW learning rate of the policy."""
     lr_scheduler: Literal["constant", "linear"] = "constant"

@@ -10,7 +10,7 @@ included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -209,7 +209,11 @@ class Experience:
     """What the update needs, per completion row: the tokens (``sequences``, ``attention_mask``,
     ``completion_mask``, ``prompt_length``), the old policy's ``logprobs``, the reference's
     ``ref_logprobs`` (None without KL), the critic's ``values`` and ``returns`` (None without a critic)
-    and the ``advantages``; all ``[B, N]`` but the first two ``[B, P + N]``."""
+    and the ``advantages``; all ``[B, N]`` but the first two ``[B, P + N]``.
+
+    ``live_logprobs`` / ``live_entropy`` / ``live_values``: the policy's and the critic's outputs of
+    prepare *with their autograd graphs* (``PPOAlgoConfig.keep_first_forward``), whose detached values are
+    ``logprobs`` and ``values``: the first mini-batch's forwards, already run (None: not kept)."""
 
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -220,6 +224,9 @@ class Experience:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    live_logprobs: torch.Tensor | None = None
+    live_entropy: torch.Tensor | None = None
+    live_values: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -230,6 +237,15 @@ class Experience:
         m = self.completion_mask.bool()
         ends = torch.where(m, torch.arange(1, m.shape[1] + 1, device=m.device), 0).amax(-1)  # [B]
         return torch.stack([ends[rows].amax().clamp_min(1) for rows in parts]).tolist()
+
+    @property
+    def live(self) -> bool:
+        """Whether prepare's forwards are kept here (see the class docstring)."""
+        return self.live_logprobs is not None or self.live_values is not None
+
+    def without_live(self) -> Experience:
+        """This batch without the kept forwards: they serve one mini-batch, before any weight changes."""
+        return replace(self, live_logprobs=None, live_entropy=None, live_values=None)
 
     def select(self, rows: torch.Tensor, width: int | None = None) -> Experience:
         """The rows ``rows`` (an index tensor), trimmed to the longest completion among them (``width``:

@@ -160,8 +160,11 @@ def model_flops(trainer, tokens: int, trained_steps: int, steps: int) -> dict:
     from fastppo.trainer.rewards import RewardModel
 
     policy, epochs = matmul_params(trainer.policy), trainer.config.ppo.ppo_epochs
+    reuse = trainer.config.rollout.reuse_rollout_logprobs
+    # keep_first_forward: the first update's forwards ran in prepare (old_log_prob, values), counted there
+    kept = trainer.keep_first_forward
     flops = {"gen": 2 * policy * tokens}
-    if not trainer.config.rollout.reuse_rollout_logprobs:
+    if not reuse:
         flops["old_log_prob"] = 2 * policy * tokens
     if isinstance(trainer.reward, RewardModel):
         flops["reward"] = 2 * matmul_params(trainer.reward.model) * tokens
@@ -170,9 +173,9 @@ def model_flops(trainer, tokens: int, trained_steps: int, steps: int) -> dict:
     if trainer.critic is not None:
         critic = matmul_params(trainer.critic)
         flops["values"] = 2 * critic * tokens
-        flops["update_critic"] = 6 * critic * tokens * epochs
+        flops["update_critic"] = (6 * epochs - 2 * kept) * critic * tokens
     if trained_steps:
-        flops["update_actor"] = 6 * policy * tokens * epochs * trained_steps / steps
+        flops["update_actor"] = (6 * epochs - 2 * (kept and not reuse)) * policy * tokens * trained_steps / steps
     return flops
 
 

@@ -40,7 +40,8 @@ BACKWARD = "autograd::engine::evaluate_function: "
 TOP = 15
 FLOPS_FORMULA = (
     "model FLOPs = 2 N T per no-grad forward (gen: prefill + decode, reward, old_log_prob, ref, values) and "
-    "6 N T per trained pass (update_actor, update_critic: forward + backward, once per PPO epoch), with N the "
+    "6 N T per trained pass (update_actor, update_critic: forward + backward, once per PPO epoch; 4 N T for the "
+    "first when keep_first_forward ran its forward in old_log_prob / values), with N the "
     "model's parameters outside its input embedding (the lm_head counts) and T the non-padding tokens "
     "(prompt + completion) of the rollout; attention's T^2 term is left out. MFU = model FLOPs / (host time "
     "x matmul peak)."

@@ -27,6 +27,7 @@ after its checkpoint, without the final evaluation and save (they come when a re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 import random
 import signal
@@ -157,6 +158,14 @@ class PPOTrainer:
             if self.critic is not None:
                 self.critic = distributed.wrap(self.critic, dc.parallelism, self.device)
         self.learner = self._learner()
+        p = config.ppo
+        # PPOAlgoConfig.keep_first_forward: where the first mini-batch is the whole batch, in one micro-batch
+        self.keep_first_forward = (
+            p.keep_first_forward
+            and world == 1
+            and p.num_minibatches == 1
+            and (p.micro_batch_size is None or p.micro_batch_size >= config.minibatch_size)
+        )
         self.stop_ids = None if r.ignore_eos else self._stop_ids()
         rollout_model = self.replica.model if self.replica is not None else self.policy
         # under PEFT the adapters live inside the base model's layers: generate with it directly
@@ -408,22 +417,41 @@ class PPOTrainer:
         chunks = [((seq[i : i + n], attn[i : i + n], P), cmask[i : i + n]) for i in range(0, len(seq), n)]
         temperature = cfg.rollout.temperature
         ref = values = None
+        live = {}  # the forwards kept with their graphs for the update (PPOAlgoConfig.keep_first_forward)
+        keep_policy = self.keep_first_forward and not self._critic_warmup()
         with self._autocast()():
             if cfg.rollout.reuse_rollout_logprobs:  # the Generator's (0 past a row's end, as the head's)
                 lp, ent = roll.rollout_logprobs, torch.full_like(roll.rollout_logprobs, float("nan"))
             else:
                 with phase("old_log_prob"):
-                    out = [self.head(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
-                    lp, ent = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+                    if keep_policy:
+                        with _training(self.head):
+                            live["live_logprobs"], live["live_entropy"] = self.head(
+                                seq, attn, P, completion_mask=cmask, temperature=temperature
+                            )
+                        lp, ent = live["live_logprobs"].detach(), live["live_entropy"].detach()
+                    else:
+                        out = [self.head(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
+                        lp, ent = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
             if self.reference is not None:
                 with phase("ref"):
                     parts = [self.reference.logprobs(*a, completion_mask=m, temperature=temperature) for a, m in chunks]
                     ref = torch.cat(parts)
             if self.critic is not None:
                 with phase("values"):
-                    values = torch.cat([self.critic(*a) for a, _ in chunks])
+                    if self.keep_first_forward:
+                        with _training(self.critic):
+                            live["live_values"] = self.critic(seq, attn, P)
+                        values = live["live_values"].detach()
+                    else:
+                        values = torch.cat([self.critic(*a) for a, _ in chunks])
         with phase("adv"):
-            return self._advantages(roll, scores, lp, ent, ref, values)
+            exp, info = self._advantages(roll, scores, lp, ent, ref, values)
+        return dataclasses.replace(exp, **live), info
+
+    def _critic_warmup(self) -> bool:
+        """Whether this step trains only the critic (``critic_warmup_steps``)."""
+        return self.step_count < self.config.critic.critic_warmup_steps
 
     def _advantages(self, roll, scores, lp, ent, ref, values):
         cfg, dist = self.config, self.dist
@@ -462,7 +490,7 @@ class PPOTrainer:
 
     def _update(self, exp, kl_coef: float) -> Mean:
         meter = Mean(self.device)
-        warm = self.step_count < self.config.critic.critic_warmup_steps
+        warm = self._critic_warmup()
         meter.add("lr", self.learner.policy_optimizer.param_groups[0]["lr"])
         if self.learner.critic_optimizer is not None:
             meter.add("critic_lr", self.learner.critic_optimizer.param_groups[0]["lr"])
@@ -638,6 +666,17 @@ def _set_numpy_rng_state(state) -> None:
 
         name, keys, pos, has_gauss, cached = state
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def _training(module: torch.nn.Module):
+    """A forward of prepare run as the update runs it: with gradient, in train mode (its graph is kept)."""
+    module.train()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        module.eval()
 
 
 @contextlib.contextmanager

@@ -106,6 +106,8 @@ def ppo_update(
     mb = config.minibatch_size // dist.world_size
     micro = config.ppo.micro_batch_size or mb
     device = exp.sequences.device
+    if exp.live and micro < B:  # a kept graph is freed by its first backward: one micro-batch may use it
+        raise ValueError(f"kept forwards (keep_first_forward) need one micro-batch of the whole batch {B}, not {micro}")
     for epoch in range(p.ppo_epochs):
         perm = torch.randperm(B, generator=rng).to(device)
         for k, start in enumerate(range(0, B, mb)):
@@ -128,6 +130,7 @@ def ppo_update(
             _step_optimizers(learner, train_policy)
             for name, value in norms.items():
                 meter.add(name, value)
+            exp = exp.without_live() if exp.live else exp  # used (and freed) by this mini-batch's backward
             if p.target_kl is not None and float(sums[2] / n_tok) > p.target_kl:
                 return
 
@@ -148,15 +151,18 @@ def _policy_micro_step(part, learner, config, norm, n_tok, meter, kl_coef, autoc
     """The policy's forward and backward; returns its (policy loss, approx_kl) token-sums."""
     p, m = config.ppo, part.completion_mask
     n = m.sum().float()
-    with autocast():
-        lp, ent = learner.policy(
-            part.sequences,
-            part.attention_mask,
-            part.prompt_length,
-            completion_mask=m,
-            temperature=config.rollout.temperature,
-            entropy=p.ent_coef > 0,
-        )
+    if part.live_logprobs is not None:  # prepare ran this forward (keep_first_forward)
+        lp, ent = part.live_logprobs, part.live_entropy
+    else:
+        with autocast():
+            lp, ent = learner.policy(
+                part.sequences,
+                part.attention_mask,
+                part.prompt_length,
+                completion_mask=m,
+                temperature=config.rollout.temperature,
+                entropy=p.ent_coef > 0,
+            )
     pg, st = policy_loss(
         lp,
         part.logprobs,
@@ -186,8 +192,11 @@ def _critic_micro_step(part, learner, config, norm, meter, autocast):
     """The critic's forward and backward; returns its value-loss token-sum."""
     p, m = config.ppo, part.completion_mask
     n = m.sum().float()
-    with autocast():
-        values = learner.critic(part.sequences, part.attention_mask, part.prompt_length)
+    if part.live_values is not None:  # prepare ran this forward (keep_first_forward)
+        values = part.live_values
+    else:
+        with autocast():
+            values = learner.critic(part.sequences, part.attention_mask, part.prompt_length)
     vl, vst = value_loss(
         values, part.values, part.returns, m, clip=config.critic.vf_clip, agg=p.loss_agg, normalizer=norm
     )
