@@ -200,7 +200,14 @@ def test_precomputed_sdpa_mask_gives_the_models_own_outputs_and_gradients(arch):
             h[mask].square().sum().backward()
         return h.detach(), [p.grad.clone() for p in body.parameters()]
 
+    from fastppo.trainer.models import _plain_body
+
+    assert _plain_body(body)  # the layers are called one by one (_layers_forward), not body.forward
     ours = run(lambda: hidden_states(body, ids, mask))
     theirs = run(lambda: body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state)
     assert torch.equal(ours[0], theirs[0])
     assert all(torch.equal(a, b) for a, b in zip(ours[1], theirs[1]))
+    calls = []
+    body.register_forward_hook(lambda *a: calls.append(1))  # a hook on the body: its own forward runs again
+    assert not _plain_body(body)
+    assert torch.equal(run(lambda: hidden_states(body, ids, mask))[0], theirs[0]) and calls
