@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from fastppo.attention import SdpaDecode, decode_sdpa
+from fastppo.attention import PaddedPrefill, SdpaDecode, decode_sdpa, prefill_padded
 
 
 class DirectDecode:
     """The decode step's model forward, written out for the models of
     :func:`fastppo._generation_checks.direct_decode_layers` (Llama, Qwen2, Mistral).
 
-    ``DirectDecode(model, layers)(plan, tokens [b, 1], positions [b, 1]) -> logits [b, 1, V]``: the
-    operations of the model's own forward on one token per row, calling its embedding, rotary embedding,
-    norms, activation and lm_head modules, with attention by :func:`fastppo.attention.decode_sdpa` (what
-    the model's path through ``fastppo_attention`` runs); without the rest of that forward: mask creation,
+    ``DirectDecode(model, layers)(plan, tokens [b, 1], positions [b, 1]) -> logits [b, 1, V]``, and
+    :meth:`prefill` for the padded prompts: the operations of the model's own forward, calling its
+    embedding, rotary embedding, norms, activation and lm_head modules, with attention by
+    :func:`fastppo.attention.decode_sdpa` / ``prefill_padded`` (what the model's path through
+    ``fastppo_attention`` runs); without the rest of that forward: mask creation,
     output capture, kwargs plumbing and the nested module calls, most of an eager step of a small model
     on CPU. The RMSNorms are ``F.rms_norm`` where the weights are float32 (ATen's composite: the module's
     operations in its order, one call instead of seven). Two fusions: q/k/v in one GEMM and gate/up in
@@ -61,23 +62,38 @@ class DirectDecode:
                 )
 
     def __call__(self, plan: SdpaDecode, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        linear, cat = torch.nn.functional.linear, torch.cat
-        b = tokens.shape[0]
         keys, values = plan.cache.keys, plan.cache.values
+        attend = lambda i, q, k, v, scale: decode_sdpa(plan, q, k, v, keys[i], values[i], scale)  # noqa: E731
+        return self._forward(tokens, positions, attend)
+
+    def prefill(self, plan: PaddedPrefill, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The padded prefill (``tokens``/``positions`` ``[b, P]``, ``plan`` as :meth:`Generator._prefill`
+        builds it): fills the cache as the model's forward does through ``fastppo_attention``; returns the
+        last position's logits ``[b, 1, V]`` (``logits_to_keep=1``)."""
+        keys, values = plan.cache.keys, plan.cache.values
+        attend = lambda i, q, k, v, scale: prefill_padded(plan, q, k, v, keys[i], values[i], scale)  # noqa: E731
+        return self._forward(tokens, positions, attend, last_only=True)
+
+    def _forward(self, tokens, positions, attend, *, last_only: bool = False) -> torch.Tensor:
+        """``tokens``/``positions`` ``[b, T]``; ``attend(layer, q, k, v, scale) -> [b, T, Hq, D]``."""
+        linear, cat = torch.nn.functional.linear, torch.cat
+        b, T = tokens.shape
         h = self.embed(tokens)
         if self.table is not None:
             cos, sin = (t[positions] for t in self.table)
         else:
             cos, sin = self.rotary(h, positions)
-        cos, sin = cos[:, None], sin[:, None]  # [b, 1, 1, D] over [b, heads, 1, D]
+        cos, sin = cos[:, None], sin[:, None]  # [b, 1, T, D] over [b, heads, T, D]
         for norm1, qkv, (nq, nkv, d), scale, i, o, norm2, gate_up, act, down in self.layers:
-            x = linear(norm1(h), *qkv).view(b, 1, -1, d).transpose(1, 2)  # [b, Hq + 2 Hkv, 1, D]
+            x = linear(norm1(h), *qkv).view(b, T, -1, d).transpose(1, 2)  # [b, Hq + 2 Hkv, T, D]
             qk, v = x[:, : nq + nkv], x[:, nq + nkv :]
             qk = qk * cos + cat((-qk[..., d // 2 :], qk[..., : d // 2]), dim=-1) * sin
-            out = decode_sdpa(plan, qk[:, :nq], qk[:, nq:], v, keys[i], values[i], scale)  # [b, 1, Hq, D]
-            h = h + linear(out.reshape(b, 1, -1), *o)
+            out = attend(i, qk[:, :nq], qk[:, nq:], v, scale)  # [b, T, Hq, D]
+            h = h + linear(out.reshape(b, T, -1), *o)
             gate, up = linear(norm2(h), *gate_up).chunk(2, dim=-1)
             h = h + linear(act(gate) * up, *down)
+        if last_only:  # the norm is per position: taking the last one first changes no value
+            h = h[:, -1:]
         return self.lm_head(self.norm(h))
 
 

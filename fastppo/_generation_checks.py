@@ -224,13 +224,18 @@ def _is(module, name: str, family: str) -> bool:
     return cls.__name__ == name and cls.__module__ == f"transformers.models.{family}.modeling_{family}"
 
 
-def direct_decode_layers(model) -> list | None:
-    """The decoder layers of ``model`` when :class:`fastppo._direct_decode.DirectDecode` can run its decode
-    step (exactly the classes of :data:`_DIRECT_LAYERS`, every projection a plain ``nn.Linear``, the
+def direct_decode_layers(model, max_length: int) -> list | None:
+    """The decoder layers of ``model`` when :class:`fastppo._direct_decode.DirectDecode` can run its forward
+    (exactly the classes of :data:`_DIRECT_LAYERS`, every projection a plain ``nn.Linear``, the
     embedding a plain ``nn.Embedding``, no forward hook or pre-hook anywhere: PEFT adapters, quantized
-    layers and hooks keep the model's own forward); None otherwise."""
+    layers and hooks keep the model's own forward; full attention up to ``max_length``, as checked at
+    construction: a window the config gained since is the model's forward's to refuse); None otherwise."""
     family = next((f for f, names in _DIRECT_LAYERS.items() if _is(model, names[0], f)), None)
     if family is None:
+        return None
+    try:
+        _check_full_attention(type(model).__name__, model.config, max_length)
+    except ValueError:
         return None
     _, layer_cls, attn_cls, mlp_cls, norm_cls = _DIRECT_LAYERS[family]
     base = getattr(model, "model", None)

@@ -275,7 +275,7 @@ def fastppo_attention(
     elif isinstance(plan, PackedPrefill):
         out = _prefill_packed(plan, query, key, value, k_cache, v_cache, scale)
     else:
-        out = _prefill_padded(plan, query, key, value, k_cache, v_cache, scale)
+        out = prefill_padded(plan, query, key, value, k_cache, v_cache, scale)
     return out, None
 
 
@@ -284,7 +284,9 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _prefill_padded(plan: PaddedPrefill, query, key, value, k_cache, v_cache, scale):
+def prefill_padded(plan: PaddedPrefill, query, key, value, k_cache, v_cache, scale):
+    """The padded prefill's SDPA for one layer: writes the real tokens' keys/values at their slots, returns
+    ``[B, T, Hq, D]``."""
     rows, times = plan.rows, plan.times
     # [B, Hkv, P, D] -> real tokens [n, Hkv, D], stored at (row, slot) with slot = position id
     k_cache[rows, plan.slots] = key.transpose(1, 2)[rows, times].to(k_cache.dtype)

@@ -167,7 +167,8 @@ class Generator:
     * ``compile``: ``torch.compile`` the decode step (before capturing it on CUDA): fuses the model's
       elementwise ops (norms, rotary, activations), fewer kernels per step. Experimental: each
       (bucket, key length, mode) compiles once, at its first use.
-    * ``direct_decode``: run the decode step's forward as :class:`DirectDecode` (the same operations, without
+    * ``direct_decode``: run the decode step's forward (and the padded prefill's) as :class:`DirectDecode`
+      (the same operations, without
       the model's per-call overhead; under ``torch.inference_mode``). ``"auto"``: for a Llama, Qwen2 or
       Mistral model without adapters or hooks when the step runs eagerly (no CUDA graphs, no ``compile``,
       SDPA attention); ``True``: the same, an error where it cannot; ``False``: always the model's forward.
@@ -274,7 +275,7 @@ class Generator:
         """Why the decode step cannot run as :class:`DirectDecode` (None: it can)."""
         if not self._eager or self.attention != "sdpa":
             return "it needs the eager decode loop (no CUDA graphs, no compile) with SDPA attention"
-        if direct_decode_layers(self.model) is None:
+        if direct_decode_layers(self.model, self.max_length) is None:
             return (
                 f"{type(self.model).__name__} is not a Llama, Qwen2 or Mistral causal LM with plain nn.Linear "
                 "projections and no hooks"
@@ -365,7 +366,8 @@ class Generator:
         if self.cuda_graphs:
             self._check_params()
         r = self.max_batch_size
-        layers = direct_decode_layers(self.model) if self.direct_decode else None  # hooks may have come since
+        # hooks (or a sliding window) may have come since the Generator was made
+        layers = direct_decode_layers(self.model, self.max_length) if self.direct_decode else None
         self._direct = DirectDecode(self.model, layers, self.max_length) if layers is not None else None
         try:
             parts = [
@@ -521,7 +523,10 @@ class Generator:
         plan = PaddedPrefill(
             cache=self.cache, mask=attend[:, None], rows=b_idx, times=t_idx, slots=positions[b_idx, t_idx]
         )
-        logits = self._forward(plan, input_ids=ids, position_ids=positions.clamp_min(0), logits_to_keep=1)
+        if self._direct is not None:
+            logits = self._direct.prefill(plan, ids, positions.clamp_min(0))
+        else:
+            logits = self._forward(plan, input_ids=ids, position_ids=positions.clamp_min(0), logits_to_keep=1)
         return logits[:, -1].float()
 
     # ---------------------------------------------------------------------------------------------
