@@ -347,21 +347,26 @@ def _decode_flash(plan: FlashDecode, query, key, value, k_cache, v_cache, scale)
     )
 
 
-def decode_sdpa(plan: SdpaDecode, query, key, value, k_cache, v_cache, scale):
+def decode_views(k_cache, v_cache, b: int, kv_len: int) -> tuple:
+    """The keys/values a decode step of the first ``b`` rows reads: ``[b, Hkv, kv_len, D]`` strided views of
+    the caches (no copy; valid as long as the caches are)."""
+    return k_cache[:b, :kv_len].transpose(1, 2), v_cache[:b, :kv_len].transpose(1, 2)
+
+
+def decode_sdpa(plan: SdpaDecode, query, key, value, k_cache, v_cache, scale, views=None):
     """One decode step of SDPA attention for the first ``b`` cache rows: ``query`` ``[b, Hq, 1, D]``,
-    ``key``/``value`` ``[b, Hkv, 1, D]`` written at slots ``plan.seqlens``; returns ``[b, 1, Hq, D]``."""
+    ``key``/``value`` ``[b, Hkv, 1, D]`` written at slots ``plan.seqlens``; returns ``[b, 1, Hq, D]``.
+    ``views``: :func:`decode_views` of this step's shape (made here when None; a caller stepping many
+    times at one shape makes them once)."""
     b, hq, _, d = query.shape
     hkv = key.shape[1]
-    kv_len = plan.mask.shape[-1]
-    k_cache, v_cache = k_cache[:b], v_cache[:b]  # a bucket is the first rows: contiguous views
     rows = plan.rows if plan.rows is not None else torch.arange(b, device=query.device)
     key, value = key[:, :, 0], value[:, :, 0]
     if key.dtype != k_cache.dtype:  # a Python test: a cast only where one is needed (autocast)
         key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
-    k_cache.index_put_((rows, plan.seqlens), key)
+    k_cache.index_put_((rows, plan.seqlens), key)  # rows < b: the bucket's rows, the first of the cache
     v_cache.index_put_((rows, plan.seqlens), value)
-    k = k_cache[:, :kv_len].transpose(1, 2)  # [b, Hkv, kv_len, D], strided view, no copy
-    v = v_cache[:, :kv_len].transpose(1, 2)
+    k, v = views if views is not None else decode_views(k_cache, v_cache, b, plan.mask.shape[-1])
     # GQA without repeat_kv: the `groups` query heads of a kv head become `groups` query rows, so the
     # cache is read once instead of materialised Hq/Hkv times per step.
     q = query.reshape(b, hkv, hq // hkv, d)

@@ -50,7 +50,7 @@ def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torc
     ``[0, 1)``, and the first index whose running sum reaches ``u`` always has a positive probability
     (a token of probability 0, filtered, adds nothing to the sum: it is never the first to reach ``u``).
     """
-    cdf = probs.double().cumsum_(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # each element cast, then summed in float64
     u = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator, device=probs.device)
     u = u.neg_().add_(1).mul_(cdf[:, -1:])
     return torch.searchsorted(cdf, u).squeeze_(1)
