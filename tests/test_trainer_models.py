@@ -211,3 +211,39 @@ def test_precomputed_sdpa_mask_gives_the_models_own_outputs_and_gradients(arch):
     body.register_forward_hook(lambda *a: calls.append(1))  # a hook on the body: its own forward runs again
     assert not _plain_body(body)
     assert torch.equal(run(lambda: hidden_states(body, ids, mask))[0], theirs[0]) and calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_last_layer_on_the_kept_positions_only_gives_the_full_forwards_rows(arch):
+    """hidden_states(keep=...) runs the last decoder layer for those query positions only (_last_layer):
+    the rows and the gradients of a loss on them are the full forward's, to float32 rounding."""
+    from fastppo.trainer.models import _plain_layer, decoder_of, hidden_states
+
+    model = (tiny_llama if arch == "llama" else tiny_qwen2)(seed=4)
+    body = decoder_of(model)
+    assert _plain_layer(body.layers[-1])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 128, (4, 14), generator=g)
+    mask = torch.ones(4, 14, dtype=torch.bool)
+    for i, pad in enumerate([0, 5, 2, 9]):
+        mask[i, :pad] = False
+    for keep in (slice(8, -1), slice(-1, None)):
+
+        def run(fn):
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                h = fn()
+                (h.square() * torch.linspace(0.5, 2, h.shape[-1])).sum().backward()
+            return h.detach(), [p.grad.clone() for p in body.parameters()]
+
+        kept = run(lambda keep=keep: hidden_states(body, ids, mask, keep=keep))
+        full = run(lambda keep=keep: hidden_states(body, ids, mask)[:, keep])
+        assert kept[0].shape == full[0].shape
+        torch.testing.assert_close(kept[0], full[0], atol=1e-6, rtol=1e-6)
+        moved = 0
+        for a, b in zip(kept[1], full[1]):
+            torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()) + 1e-9, rtol=1e-5)  # sums reordered
+            moved += int(b.abs().max() > 0)
+        assert moved == len(kept[1])  # every parameter, the last layer's included, got its gradient
+    body.layers[-1].register_forward_hook(lambda *a: None)  # a hook: the layer runs as a module again
+    assert not _plain_layer(body.layers[-1])

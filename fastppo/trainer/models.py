@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 
 import torch
 from torch import nn
@@ -75,19 +76,23 @@ def sdpa_mask(body: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | N
     return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, float("-inf"))
 
 
-def hidden_states(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states ``[B, L, H]`` of ``body`` on a left-padded batch (position ids from the mask)."""
+def hidden_states(
+    body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: slice | None = None
+) -> torch.Tensor:
+    """Last hidden states ``[B, L, H]`` of ``body`` on a left-padded batch (position ids from the mask);
+    with ``keep``, a slice of positions, only those: ``[B, len(keep), H]`` (on the CPU fast path the last
+    decoder layer computes only them, :func:`_last_layer`)."""
     full = sdpa_mask(body, attention_mask)
     positions = position_ids(attention_mask)
     if full is not None and _plain_body(body):
-        return _layers_forward(body, input_ids, full, positions)
+        return _layers_forward(body, input_ids, full, positions, keep)
     out = body(
         input_ids=input_ids,
         attention_mask=attention_mask if full is None else full,
         position_ids=positions,
         use_cache=False,
-    )
-    return out.last_hidden_state
+    ).last_hidden_state
+    return out if keep is None else out[:, keep]
 
 
 _BODIES = {"llama": "LlamaModel", "qwen2": "Qwen2Model", "mistral": "MistralModel"}
@@ -105,7 +110,7 @@ def _plain_body(body: nn.Module) -> bool:
     )
 
 
-def _layers_forward(body: nn.Module, input_ids, mask4d, positions) -> torch.Tensor:
+def _layers_forward(body: nn.Module, input_ids, mask4d, positions, keep: slice | None = None) -> torch.Tensor:
     """What the forward of a Llama / Qwen2 / Mistral body computes, without a cache: the embedding, the
     rotary embedding, each decoder layer called as a module (its hooks, gradient checkpointing and
     adapters act as in the model's forward), the final norm. Why: under :func:`sdpa_mask` the model's own
@@ -114,9 +119,52 @@ def _layers_forward(body: nn.Module, input_ids, mask4d, positions) -> torch.Tens
     (``tests/test_trainer_models.py``)."""
     h = body.embed_tokens(input_ids)
     rope = body.rotary_emb(h, position_ids=positions)
-    for layer in body.layers[: body.config.num_hidden_layers]:
+    layers = list(body.layers[: body.config.num_hidden_layers])
+    last = layers.pop() if keep is not None and _plain_layer(layers[-1]) else None
+    for layer in layers:
         h = layer(h, attention_mask=mask4d, position_embeddings=rope, position_ids=positions)
+    if last is not None:
+        h = _last_layer(last, h, mask4d, rope, keep)
+    elif keep is not None:
+        h = h[:, keep]
     return body.norm(h)
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    """Whether :func:`_last_layer` may stand in for ``layer``: no hooks on it or its attention (whose calls
+    it bypasses; its projections, norms and MLP are still called as modules), no gradient checkpointing."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn)):
+        return False
+    return not (getattr(layer, "gradient_checkpointing", False) and layer.training)
+
+
+def _last_layer(layer: nn.Module, h, mask4d, rope, keep: slice) -> torch.Tensor:
+    """The decoder layer's forward (Llama / Qwen2 / Mistral, as transformers writes it) for the query
+    positions ``keep`` only, over the keys and values of every position: ``[B, len(keep), H]``.
+
+    Why: the log-probs and values read only the completion's positions, the reward model only the last,
+    and a decoder's last layer feeds nothing else, so its q/o projections, attention rows and MLP at the
+    other positions are wasted (for the reward model almost the whole layer). The kept rows' values are
+    the full forward's (``tests/test_trainer_models.py``)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    a = layer.self_attn
+    rotate_half = sys.modules[type(a).__module__].rotate_half
+    x = layer.input_layernorm(h)
+    b, L, d = x.shape[0], x.shape[1], a.head_dim
+    xq = x[:, keep]
+    q = a.q_proj(xq).view(b, xq.shape[1], -1, d).transpose(1, 2)
+    k = a.k_proj(x).view(b, L, -1, d).transpose(1, 2)
+    v = a.v_proj(x).view(b, L, -1, d).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in rope)  # [B, 1, L, D], as apply_rotary_pos_emb
+    q = q * cos[:, :, keep] + rotate_half(q) * sin[:, :, keep]
+    k = k * cos + rotate_half(k) * sin
+    out, _ = sdpa_attention_forward(
+        a, q, k, v, mask4d[:, :, keep], dropout=a.attention_dropout if a.training else 0.0, scaling=a.scaling
+    )
+    h = h[:, keep] + a.o_proj(out.reshape(b, xq.shape[1], -1).contiguous())
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def _check_batch(input_ids, attention_mask, prompt_length) -> torch.Tensor:
@@ -166,7 +214,7 @@ class LogProbHead(nn.Module):
         labels = input_ids[:, P:]
         if completion_mask is not None:
             labels = labels.masked_fill(~check_mask("completion_mask", completion_mask, labels.shape), -100)
-        hidden = hidden_states(decoder_of(self.model), input_ids, mask)[:, P - 1 : -1]
+        hidden = hidden_states(decoder_of(self.model), input_ids, mask, keep=slice(P - 1, -1))
         head = self.model.get_output_embeddings()  # read here, in the forward: tied, PEFT and FSDP2 weights
         weight, bias = head.weight, getattr(head, "bias", None)
         if hidden.dtype != weight.dtype:  # autocast ran the body in bf16; the head follows it
@@ -244,7 +292,7 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
         mask = _check_batch(input_ids, attention_mask, prompt_length)
         P = int(prompt_length)
-        hidden = hidden_states(self.body, input_ids, mask)[:, P - 1 : -1]
+        hidden = hidden_states(self.body, input_ids, mask, keep=slice(P - 1, -1))
         return _own(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float())
 
 

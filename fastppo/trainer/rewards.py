@@ -157,7 +157,7 @@ class RewardModel:
         input_ids, mask = input_ids.to(device), mask.to(device)
         head = getattr(self.model, "score", None)
         if isinstance(head, torch.nn.Linear):  # last real token is the last column (left padding)
-            hidden = hidden_states(decoder_of(self.model), input_ids, mask)[:, -1]
+            hidden = hidden_states(decoder_of(self.model), input_ids, mask, keep=slice(-1, None))[:, 0]
             return head(hidden).squeeze(-1).float().cpu()
         from fastppo.trainer.models import position_ids
 
