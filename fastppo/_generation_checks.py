@@ -209,35 +209,40 @@ def check_prompts(input_ids, attention_mask, vocab: int, device):
     return ids, mask, lengths
 
 
-# the decoder layers whose forward :class:`fastppo._direct_decode.DirectDecode` reproduces: pre-norm residual
-# blocks of RMSNorm, q/k/v projections (biases or not), RoPE through ``apply_rotary_pos_emb``, attention,
-# o_proj, RMSNorm, ``down(act(gate(x)) * up(x))``; the model: embedding, these layers, a final norm, lm_head
-_DIRECT_LAYERS = {
-    "llama": ("LlamaForCausalLM", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
-    "mistral": ("MistralForCausalLM", "MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
-}
+# the decoder layers whose forward :class:`fastppo._direct_decode.DirectDecode` (and the trainer's
+# ``fastppo.trainer.models._last_layer``) reproduces: pre-norm residual blocks of RMSNorm, q/k/v projections
+# (biases or not), RoPE through ``apply_rotary_pos_emb``, attention, o_proj, RMSNorm, ``down(act(gate(x)) *
+# up(x))``; the body: embedding, these layers, a final norm; the causal LM: the body and an lm_head.
+# Per family: (causal LM, body, decoder layer, attention, MLP, RMSNorm) class names.
+DIRECT_LAYERS = {
+    "llama": ("LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Model", "Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+    "mistral": (
+        "MistralForCausalLM", "MistralModel", "MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm",
+    ),
+}  # fmt: skip
 
 
-def _is(module, name: str, family: str) -> bool:
+def is_family_class(module, name: str, family: str) -> bool:
+    """Whether ``module`` is exactly transformers' class ``name`` of model family ``family`` (no subclass)."""
     cls = type(module)
     return cls.__name__ == name and cls.__module__ == f"transformers.models.{family}.modeling_{family}"
 
 
 def direct_decode_layers(model, max_length: int) -> list | None:
     """The decoder layers of ``model`` when :class:`fastppo._direct_decode.DirectDecode` can run its forward
-    (exactly the classes of :data:`_DIRECT_LAYERS`, every projection a plain ``nn.Linear``, the
+    (exactly the classes of :data:`DIRECT_LAYERS`, every projection a plain ``nn.Linear``, the
     embedding a plain ``nn.Embedding``, no forward hook or pre-hook anywhere: PEFT adapters, quantized
     layers and hooks keep the model's own forward; full attention up to ``max_length``, as checked at
     construction: a window the config gained since is the model's forward's to refuse); None otherwise."""
-    family = next((f for f, names in _DIRECT_LAYERS.items() if _is(model, names[0], f)), None)
+    family = next((f for f, names in DIRECT_LAYERS.items() if is_family_class(model, names[0], f)), None)
     if family is None:
         return None
     try:
         _check_full_attention(type(model).__name__, model.config, max_length)
     except ValueError:
         return None
-    _, layer_cls, attn_cls, mlp_cls, norm_cls = _DIRECT_LAYERS[family]
+    _, _, layer_cls, attn_cls, mlp_cls, norm_cls = DIRECT_LAYERS[family]
     base = getattr(model, "model", None)
     if base is None or any(not hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return None
@@ -245,15 +250,16 @@ def direct_decode_layers(model, max_length: int) -> list | None:
         return None
     if type(base.embed_tokens) is not torch.nn.Embedding or type(model.lm_head) is not torch.nn.Linear:
         return None
-    if getattr(base.config, "pretraining_tp", 1) != 1 or not _is(base.norm, norm_cls, family):
+    if getattr(base.config, "pretraining_tp", 1) != 1 or not is_family_class(base.norm, norm_cls, family):
         return None
     layers = list(base.layers[: base.config.num_hidden_layers])
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not (_is(layer, layer_cls, family) and _is(attn, attn_cls, family) and _is(mlp, mlp_cls, family)):
+        classes = ((layer, layer_cls), (attn, attn_cls), (mlp, mlp_cls))
+        if not all(is_family_class(m, name, family) for m, name in classes):
             return None
         norms = (getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm"))
-        if not all(_is(n, norm_cls, family) for n in norms):
+        if not all(is_family_class(n, norm_cls, family) for n in norms):
             return None
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]

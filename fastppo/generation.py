@@ -168,10 +168,10 @@ class Generator:
       elementwise ops (norms, rotary, activations), fewer kernels per step. Experimental: each
       (bucket, key length, mode) compiles once, at its first use.
     * ``direct_decode``: run the decode step's forward (and the padded prefill's) as :class:`DirectDecode`
-      (the same operations, without
-      the model's per-call overhead; under ``torch.inference_mode``). ``"auto"``: for a Llama, Qwen2 or
-      Mistral model without adapters or hooks when the step runs eagerly (no CUDA graphs, no ``compile``,
-      SDPA attention); ``True``: the same, an error where it cannot; ``False``: always the model's forward.
+      (the same operations, without the model's per-call overhead; under ``torch.inference_mode``).
+      ``"auto"``: for a Llama, Qwen2 or Mistral model without adapters or hooks when the step runs eagerly
+      (no CUDA graphs, no ``compile``, SDPA attention); ``True``: the same, an error where it cannot;
+      ``False``: always the model's forward.
 
     A wrapped ``model`` is unwrapped: a model compiled by ``torch.compile`` (``OptimizedModule``), DDP,
     ``DataParallel`` or any wrapper holding it in ``.module``. The Generator runs the underlying eager

@@ -221,7 +221,7 @@ def test_the_last_layer_on_the_kept_positions_only_gives_the_full_forwards_rows(
 
     model = (tiny_llama if arch == "llama" else tiny_qwen2)(seed=4)
     body = decoder_of(model)
-    assert _plain_layer(body.layers[-1])
+    assert _plain_layer(body.layers[-1], arch)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 128, (4, 14), generator=g)
     mask = torch.ones(4, 14, dtype=torch.bool)
@@ -246,4 +246,4 @@ def test_the_last_layer_on_the_kept_positions_only_gives_the_full_forwards_rows(
             moved += int(b.abs().max() > 0)
         assert moved == len(kept[1])  # every parameter, the last layer's included, got its gradient
     body.layers[-1].register_forward_hook(lambda *a: None)  # a hook: the layer runs as a module again
-    assert not _plain_layer(body.layers[-1])
+    assert not _plain_layer(body.layers[-1], arch)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastppo._checks import check_int, check_mask, check_number
+from fastppo._generation_checks import DIRECT_LAYERS, is_family_class
 from fastppo.logprobs import linear_logprobs_and_entropy
 
 
@@ -40,9 +41,6 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return body
 
 
-_DIRECT_MASK_MODELS = ("llama", "qwen2", "mistral")  # full-attention decoders whose masks are causal & padding
-
-
 def sdpa_mask(body: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | None:
     """The 4D attention mask ``[B, 1, L, L]`` that ``body``'s own forward builds from the 2D ``attention_mask``
     of a padded batch (``causal & key is real``), as SDPA's additive form (0 / -inf, the model's dtype), or
@@ -56,7 +54,7 @@ def sdpa_mask(body: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | N
     config = getattr(body, "config", None)
     if attention_mask.device.type != "cpu" or config is None or attention_mask.dim() != 2:
         return None
-    if getattr(config, "model_type", None) not in _DIRECT_MASK_MODELS:
+    if getattr(config, "model_type", None) not in DIRECT_LAYERS:  # decoders whose masks are causal & padding
         return None
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return None
@@ -95,17 +93,13 @@ def hidden_states(
     return out if keep is None else out[:, keep]
 
 
-_BODIES = {"llama": "LlamaModel", "qwen2": "Qwen2Model", "mistral": "MistralModel"}
-
-
 def _plain_body(body: nn.Module) -> bool:
-    """Whether ``body`` is exactly the transformers class of :data:`_BODIES` for its model type, without
-    hooks of its own (the layers may have any: they are called as modules)."""
+    """Whether ``body`` is exactly the transformers body class of its model type (:data:`DIRECT_LAYERS`),
+    without hooks of its own (the layers may have any: they are called as modules)."""
     family = getattr(body.config, "model_type", None)
-    cls = type(body)
     return (
-        cls.__name__ == _BODIES.get(family)
-        and cls.__module__ == f"transformers.models.{family}.modeling_{family}"
+        family in DIRECT_LAYERS
+        and is_family_class(body, DIRECT_LAYERS[family][1], family)
         and not (body._forward_hooks or body._forward_pre_hooks)
     )
 
@@ -120,7 +114,7 @@ def _layers_forward(body: nn.Module, input_ids, mask4d, positions, keep: slice |
     h = body.embed_tokens(input_ids)
     rope = body.rotary_emb(h, position_ids=positions)
     layers = list(body.layers[: body.config.num_hidden_layers])
-    last = layers.pop() if keep is not None and _plain_layer(layers[-1]) else None
+    last = layers.pop() if keep is not None and _plain_layer(layers[-1], body.config.model_type) else None
     for layer in layers:
         h = layer(h, attention_mask=mask4d, position_embeddings=rope, position_ids=positions)
     if last is not None:
@@ -130,11 +124,15 @@ def _layers_forward(body: nn.Module, input_ids, mask4d, positions, keep: slice |
     return body.norm(h)
 
 
-def _plain_layer(layer: nn.Module) -> bool:
-    """Whether :func:`_last_layer` may stand in for ``layer``: no hooks on it or its attention (whose calls
-    it bypasses; its projections, norms and MLP are still called as modules), no gradient checkpointing."""
+def _plain_layer(layer: nn.Module, family: str) -> bool:
+    """Whether :func:`_last_layer` may stand in for ``layer``: exactly the family's decoder layer and
+    attention classes (whose forwards it writes out), no hooks on either (their calls are bypassed; the
+    projections, norms and MLP are still called as modules), no gradient checkpointing."""
+    _, _, layer_cls, attn_cls, _, _ = DIRECT_LAYERS[family]
     attn = getattr(layer, "self_attn", None)
-    if attn is None or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn)):
+    if not (is_family_class(layer, layer_cls, family) and is_family_class(attn, attn_cls, family)):
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn)):
         return False
     return not (getattr(layer, "gradient_checkpointing", False) and layer.training)
 
